@@ -8,10 +8,13 @@ with when the error reaches a client, in the manner of ``h11.ProtocolError.error
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "AllUpstreamsFailed",
     "CacheCorrupt",
     "ConfigError",
+    "ErrorKind",
     "ProxyChainError",
     "RequestRefused",
     "UpstreamConnectError",
@@ -19,6 +22,16 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamTimeout",
 ]
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong talking to an upstream; the failover rule and the breaker key on it."""
+
+    CONNECT = "connect"  # DNS, refused, unreachable: nothing was sent
+    TLS = "tls"  # handshake or certificate verification failed
+    RESET = "reset"  # the connection broke before any response byte arrived
+    TIMEOUT = "timeout"  # connect, first-byte or between-bytes timeout
+    PROTOCOL = "protocol"  # malformed response, or the body was cut short
 
 
 class ProxyChainError(Exception):
@@ -57,20 +70,33 @@ class UpstreamError(ProxyChainError):
     """An upstream could not give a usable answer."""
 
     status_hint = 502
+    kind: ErrorKind = ErrorKind.PROTOCOL
 
-    def __init__(self, message: str, *, upstream: str = "", status_hint: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str = "",
+        status_hint: int | None = None,
+        kind: ErrorKind | None = None,
+    ) -> None:
         super().__init__(message, status_hint=status_hint)
         self.upstream = upstream
+        if kind is not None:
+            self.kind = kind
 
 
 class UpstreamConnectError(UpstreamError):
-    """Connecting (DNS, TCP or TLS) to an upstream failed."""
+    """Connecting (DNS, TCP or TLS) to an upstream failed, or it reset before answering."""
+
+    kind = ErrorKind.CONNECT
 
 
 class UpstreamTimeout(UpstreamError):
     """An upstream did not answer within a connect, first-byte or between-bytes timeout."""
 
     status_hint = 504
+    kind = ErrorKind.TIMEOUT
 
 
 class UpstreamProtocolError(UpstreamError):

@@ -105,7 +105,7 @@ class Headers:
         return [p for p in out if p]
 
     def set(self, name: str, value: str) -> Headers:
-        """A copy with every ``name`` field replaced by one field ``name: value`` (kept in place)."""
+        """A copy where every ``name`` field is replaced by one ``name: value`` field."""
         lname = name.lower()
         items: list[tuple[str, str]] = []
         placed = False
