@@ -295,7 +295,7 @@ class CacheControl:
         Values too large saturate at 2**31 as §1.2.2 asks.
         """
         raw = self.directives.get(name)
-        if raw is None or not raw.isdigit():
+        if raw is None or not (raw.isascii() and raw.isdigit()):
             return None
         return min(int(raw), 2**31)
 

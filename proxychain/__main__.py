@@ -1,0 +1,177 @@
+"""Command line: ``proxychain serve | check-config | verify | purge``.
+
+User mistakes (a bad config, a missing file) print one line and exit with status 2; only bugs
+print tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .clock import Clock
+from .errors import ConfigError
+from .logs import configure_logging
+from .settings import Settings, default_settings, load_settings, parse_listen
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("proxychain")
+
+EXIT_USAGE = 2
+
+
+async def run(settings: Settings, *, handle_signals: bool = True) -> None:
+    """Run the proxy (and its admin plane) until SIGINT/SIGTERM, then shut down gracefully."""
+    from .proxy import open_proxy
+    from .server import serve
+
+    clock = Clock()
+    shutdown = trio.Event()
+    async with open_proxy(settings, clock=clock) as proxy, trio.open_nursery() as nursery:
+
+        async def serve_then_stop(*, task_status: trio.TaskStatus[int]) -> None:
+            # serve() returns once drained; the signal watcher and admin plane go with it.
+            await serve(
+                proxy, settings.server, clock=clock, shutdown=shutdown, task_status=task_status
+            )
+            nursery.cancel_scope.cancel()
+
+        if handle_signals:
+            nursery.start_soon(_wait_for_signals, shutdown)
+        port = await nursery.start(serve_then_stop)
+        log.info(
+            "proxychain %s listening on %s:%d (%d routes, cache in %s)",
+            __version__,
+            settings.server.host,
+            port,
+            len(settings.routes),
+            settings.cache.dir,
+        )
+        for route in settings.routes:
+            log.info("route %s (%s) -> %s", route.prefix, route.kind, route.upstreams)
+        await _start_admin(nursery, proxy, settings, shutdown)
+    log.info("stopped")
+
+
+async def _start_admin(
+    nursery: trio.Nursery, proxy: object, settings: Settings, shutdown: trio.Event
+) -> None:
+    if not settings.admin.enabled:
+        return
+    try:
+        from .admin import start_admin
+    except ImportError:  # pragma: no cover - the admin plane is optional at build time
+        return
+    await start_admin(nursery, proxy, settings, shutdown)
+
+
+async def _wait_for_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            if shutdown.is_set():
+                raise KeyboardInterrupt  # a second signal: stop now
+            shutdown.set()
+
+
+def _load(path: str | None) -> Settings:
+    return default_settings() if path is None else load_settings(path)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if args.listen:
+        try:
+            host, port = parse_listen(args.listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source="--listen") from None
+        settings = settings.replace(server=_replace(settings.server, host=host, port=port))
+    if args.cache_dir:
+        settings = settings.replace(cache=_replace(settings.cache, dir=Path(args.cache_dir)))
+    if args.workers:
+        settings = settings.replace(server=_replace(settings.server, workers=args.workers))
+    configure_logging(settings.log)
+    if settings.server.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(settings)
+    trio.run(run, settings)
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.path)
+    effective = asdict(settings)
+    print(json.dumps(effective, indent=2, default=str))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    configure_logging(settings.log)
+    from .verify import verify_cache
+
+    report = trio.run(partial(verify_cache, settings, drop=not args.keep))
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _replace(obj: object, **changes: object) -> object:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``proxychain`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="proxychain",
+        description="A streaming two-tier caching reverse proxy for package mirrors.",
+    )
+    parser.add_argument("--version", action="version", version=f"proxychain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = sub.add_parser("serve", help="run the proxy in the foreground")
+    serve_p.add_argument("--config", "-c", help="TOML config file (default: built-in config)")
+    serve_p.add_argument("--listen", help="override [server] listen, e.g. 127.0.0.1:8080")
+    serve_p.add_argument("--cache-dir", help="override [cache] dir")
+    serve_p.add_argument("--workers", type=int, help="worker processes sharing the port")
+    serve_p.set_defaults(func=_cmd_serve)
+
+    check_p = sub.add_parser("check-config", help="validate a config and print the settings")
+    check_p.add_argument("path")
+    check_p.set_defaults(func=_cmd_check_config)
+
+    verify_p = sub.add_parser("verify", help="check every disk entry against its digest")
+    verify_p.add_argument("--config", "-c")
+    verify_p.add_argument("--keep", action="store_true", help="report corrupt entries only")
+    verify_p.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``proxychain`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"proxychain: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

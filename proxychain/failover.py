@@ -1,0 +1,634 @@
+"""The failover chain of a route: GOPROXY-style upstream lists walked with breakers, sans-IO.
+
+Theory of operation
+-------------------
+
+A route names an ordered chain of upstreams in the syntax of Go's ``GOPROXY``
+(``go help goproxy``): ``"A,B|C"``. The separator *after* an upstream decides when the walk
+may leave it for the next one:
+
+* after ``,`` only when the upstream answered 404 or 410 ("I don't have it"). Any other
+  failure stops the chain there. This is a safety rule, honoured exactly: a private upstream
+  that is down must not leak the request (and the private module path in it) to a public one.
+* after ``|`` on any failure as well: connect refused, reset, TLS failure, timeout, 5xx.
+
+``off`` alone refuses every request (403); as the last element it refuses the requests that
+reach it. ``direct`` (fetch from version control) is not supported and is a configuration error.
+
+:class:`ChainWalk` is the walker, driven by one shell loop in the manner of h11's ``NEED_DATA``
+loop: ``next(now)`` returns an :class:`Attempt` (which upstream, after which delay) or
+:class:`Exhausted` (the status to answer with and why); the shell performs the attempt and
+reports its outcome, a status code or an :class:`~proxychain.errors.ErrorKind`, to
+``record(attempt, outcome, now)``, which feeds the upstream's breaker and returns a
+:class:`Verdict`. On ``USE`` the shell streams that response and the walk is over: nothing is
+ever retried once response bytes may have reached the client. Rules, in order:
+
+1. A hop whose breaker refuses (:meth:`Breaker.allow`) is skipped if ``|`` follows it, and
+   ends the walk with 502 "circuit open" if ``,`` follows it or nothing does.
+2. 404/410 moves to the next hop after either separator; on the final hop it is USEd (the
+   client gets the 404), unless the chain ends in ``off``, which then refuses.
+3. A connect error or reset (nothing reached the upstream's application, or at least nothing
+   came back) on an idempotent request retries the *same* upstream up to
+   ``RetryPolicy.max_retries`` times after a backoff delay, whatever the separator: staying on
+   the same upstream leaks nothing. No retry once that failure opened the breaker, nor when
+   the delay would pass the deadline. Then it is an error like the others.
+4. An error (TLS, timeout, malformed response, spent retries) or a 5xx answer moves on after
+   ``|`` and ends the walk after ``,`` or on the final hop. Errors, 502, 503 and 504 count
+   against the breaker; 500 and every 4xx are answers and count as successes (RFC 9110 §15.6).
+5. The walk's ``status_hint`` is 504 when its last failure was a timeout or the request's
+   deadline passed (RFC 9110 §15.6.5), otherwise 502 (§15.6.3).
+
+Moving to *another* upstream needs no delay: backoff protects the one that just failed.
+
+Private paths (``GOPRIVATE``/``GONOPROXY`` style): :func:`match_private` finds the first
+:class:`PrivateRule` whose glob patterns match a prefix of the module path, with the semantics
+of Go's ``module.MatchPrefixPatterns`` and ``path.Match``; :func:`restrict_chain` then keeps only
+that rule's upstreams, and refuses (403) without contacting anyone when none is left.
+
+Loop detection: :func:`via_names_node` tells whether a request's ``Via`` (RFC 9110 §7.6.3)
+already names this proxy; the shell then answers 508 (RFC 5842 §7.2).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from .backoff import Backoff, RandomSource
+from .breaker import DEFAULT_FAILURE_STATUSES, Breaker, BreakerState, StateChange
+from .errors import ConfigError, ErrorKind
+
+__all__ = [
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_RETRY_BACKOFF",
+    "Attempt",
+    "Chain",
+    "ChainError",
+    "ChainWalk",
+    "Exhausted",
+    "Fallthrough",
+    "Hop",
+    "PrivateRule",
+    "Refuse",
+    "RetryPolicy",
+    "Verdict",
+    "classify",
+    "match_prefix_patterns",
+    "match_private",
+    "parse_chain",
+    "restrict_chain",
+    "via_names_node",
+]
+
+Fallthrough = Literal["notfound", "any"]
+
+# One retry absorbs the common transient (a stale keep-alive connection the upstream closed, a
+# restart); more only delays the move to the next upstream.
+DEFAULT_MAX_RETRIES: Final = 1
+# 50 ms first ceiling, full jitter, capped at 1 s: well under any client's patience.
+DEFAULT_RETRY_BACKOFF: Final = Backoff(base=0.050, factor=2.0, cap=1.0, jitter="full")
+
+_RETRYABLE: Final = frozenset({ErrorKind.CONNECT, ErrorKind.RESET})
+_ERROR_TEXT: Final = {
+    ErrorKind.CONNECT: "could not be connected to",
+    ErrorKind.TLS: "failed the TLS handshake",
+    ErrorKind.RESET: "reset the connection before answering",
+    ErrorKind.TIMEOUT: "timed out",
+    ErrorKind.PROTOCOL: "sent a malformed response",
+}
+
+
+class ChainError(ConfigError):
+    """An ``upstreams`` chain or a private-path pattern is malformed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hop:
+    """One upstream of a chain; ``fallthrough`` is the rule of the separator after it."""
+
+    url: str
+    fallthrough: Fallthrough = "notfound"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Refuse:
+    """The chain is ``off``: refuse without contacting anyone."""
+
+    reason: str = 'upstreams are "off" for this route'
+    status_hint: int = 403
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Chain:
+    """The parsed chain: ``hops`` in order, and whether it ends in ``off``."""
+
+    hops: tuple[Hop, ...]
+    ends_off: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.hops:
+            raise ChainError("a chain needs at least one upstream (use Refuse for off)")
+
+
+def parse_chain(text: str) -> Chain | Refuse:
+    """Parse a GOPROXY-style list such as ``"https://a,https://b|https://c"``.
+
+    Elements are stripped of surrounding whitespace.
+
+    Raises:
+        ChainError: on an empty list or element, ``direct``, ``off`` before the end, or an
+            element that is not an ``http://`` or ``https://`` URL with a host.
+    """
+    if not text.strip():
+        raise ChainError('empty upstream list; expected e.g. "https://a,https://b|https://c"')
+    tokens = re.split(r"([,|])", text)
+    elements = [t.strip() for t in tokens[0::2]]
+    separators = tokens[1::2]
+    hops: list[Hop] = []
+    for i, element in enumerate(elements):
+        last = i == len(elements) - 1
+        if not element:
+            raise ChainError(f"empty element #{i + 1} in {text!r}; check for a stray , or |")
+        if element == "direct":
+            raise ChainError(
+                '"direct" (fetching from version control) is not supported; '
+                'list upstream proxy URLs, or "off" to refuse'
+            )
+        if element == "off":
+            if not last:
+                raise ChainError(
+                    f'"off" must be the last element of {text!r}; nothing after it runs'
+                )
+            if not hops:
+                return Refuse()
+            return Chain(hops=tuple(hops), ends_off=True)
+        _check_url(element)
+        after = separators[i] if not last else ","
+        hops.append(Hop(url=element, fallthrough="any" if after == "|" else "notfound"))
+    return Chain(hops=tuple(hops))
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ChainError(f"bad upstream URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ChainError(f"expected an http:// or https:// URL with a host, got {url!r}")
+    if any(ch.isspace() for ch in url) or parts.fragment or parts.query:
+        raise ChainError(f"upstream URL {url!r} must have no spaces, query or fragment")
+
+
+class Verdict(enum.Enum):
+    """What to do with one attempt's outcome."""
+
+    USE = "use"  # send this response to the client
+    NEXT_NOTFOUND = "next-notfound"  # 404/410: try the next hop, after , or |
+    NEXT_ERROR = "next-error"  # failure: the next hop only after |
+    RETRY_SAME = "retry-same"  # connect error or reset: the same upstream again
+
+
+def classify(outcome: int | ErrorKind) -> Verdict:
+    """The context-free verdict on a status code or error kind (see the module rules).
+
+    Raises:
+        ValueError: for a status outside 100-599.
+    """
+    if isinstance(outcome, ErrorKind):
+        return Verdict.RETRY_SAME if outcome in _RETRYABLE else Verdict.NEXT_ERROR
+    if not 100 <= outcome <= 599:
+        raise ValueError(f"not an HTTP status: {outcome}")
+    if outcome in (404, 410):
+        return Verdict.NEXT_NOTFOUND
+    return Verdict.NEXT_ERROR if outcome >= 500 else Verdict.USE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """How often and after what delay to retry the same upstream (rule 3)."""
+
+    max_retries: int = DEFAULT_MAX_RETRIES
+    backoff: Backoff = DEFAULT_RETRY_BACKOFF
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"expected an integer >= 0, got {self.max_retries}", key="retries")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Attempt:
+    """Send the request to ``upstream_url`` after sleeping ``delay_before`` seconds.
+
+    ``attempt_no`` counts from 1 over the whole walk; ``hop`` indexes the chain; ``retry`` is 0
+    for the first try of that hop.
+    """
+
+    upstream_url: str
+    delay_before: float
+    attempt_no: int
+    hop: int
+    retry: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Exhausted:
+    """The walk is over without a usable response: answer ``status_hint`` with ``reason``.
+
+    ``history`` describes every failed attempt or skipped hop, oldest first.
+    """
+
+    status_hint: int
+    reason: str
+    history: tuple[str, ...] = ()
+
+
+@dataclass(eq=False, kw_only=True)
+class _Progress:
+    hop: int = 0
+    retry: int = 0
+    delay: float = 0.0
+    attempts: int = 0
+    pending: Attempt | None = None
+    used: bool = False
+    result: Exhausted | None = None
+    history: list[str] = field(default_factory=list)
+
+
+class ChainWalk:
+    """One request's walk along a chain (see the module docstring for the rules).
+
+    Args:
+        chain: the route's chain, possibly restricted by :func:`restrict_chain`.
+        breakers: upstream URL to its breaker; an upstream without one is always allowed.
+        retry: the same-upstream retry policy.
+        rng: jitter source for retry delays.
+        now: when the walk starts (the shell's monotonic clock).
+        deadline: absolute time after which no attempt starts (request-level deadline).
+        idempotent: whether the method may be retried (rule 3 applies only then).
+    """
+
+    def __init__(
+        self,
+        chain: Chain | Refuse,
+        breakers: Mapping[str, Breaker],
+        retry: RetryPolicy,
+        rng: RandomSource,
+        now: float,
+        *,
+        deadline: float = math.inf,
+        idempotent: bool = True,
+    ) -> None:
+        self.chain = chain
+        self.started_at = now
+        self.deadline = deadline
+        self.last_state_change: StateChange | None = None
+        self._breakers = breakers
+        self._retry = retry
+        self._rng = rng
+        self._idempotent = idempotent
+        self._p = _Progress()
+        if isinstance(chain, Refuse):
+            self._p.result = Exhausted(status_hint=chain.status_hint, reason=chain.reason)
+
+    def next(self, now: float) -> Attempt | Exhausted:
+        """The next step: an attempt to make, or the end of the walk.
+
+        Raises:
+            RuntimeError: if the previous attempt was not recorded, or the walk ended in USE.
+        """
+        p = self._p
+        if p.pending is not None:
+            raise RuntimeError("record() or abandon() the previous attempt first")
+        if p.used:
+            raise RuntimeError("the walk ended with USE; nothing is retried after that")
+        if p.result is not None:
+            return p.result
+        if now >= self.deadline:
+            return self._finish(504, "request deadline exceeded")
+        assert isinstance(self.chain, Chain)
+        hops = self.chain.hops
+        while p.hop < len(hops):
+            hop = hops[p.hop]
+            breaker = self._breakers.get(hop.url)
+            if breaker is None or breaker.allow(now):
+                p.attempts += 1
+                p.pending = Attempt(
+                    upstream_url=hop.url,
+                    delay_before=p.delay,
+                    attempt_no=p.attempts,
+                    hop=p.hop,
+                    retry=p.retry,
+                )
+                return p.pending
+            reason = f"upstream {hop.url} unavailable (circuit open)"
+            p.history.append(reason)
+            if not (hop.fallthrough == "any" and self._has_next(p.hop)):
+                return self._finish(502, reason)
+            self._advance()
+        return self._finish(403, f"{p.history[-1]}; the chain ends in off")
+
+    def record(self, attempt: Attempt, outcome: int | ErrorKind, now: float) -> Verdict:
+        """Feed the outcome of ``attempt`` (a status code or an error kind) to the walk.
+
+        Also records it on the upstream's breaker; a resulting transition is left in
+        :attr:`last_state_change` for the shell to log. Returns the verdict in context: a 404
+        on the final hop is USE, a retry that the policy or the deadline forbids is NEXT_ERROR.
+        After anything but USE, call :meth:`next`.
+
+        Raises:
+            RuntimeError: if ``attempt`` is not the one :meth:`next` returned last.
+        """
+        p = self._p
+        if attempt is not p.pending:
+            raise RuntimeError(f"{attempt!r} is not the pending attempt")
+        p.pending = None
+        verdict = classify(outcome)
+        hop = self._hops[attempt.hop]
+        breaker = self._breakers.get(hop.url)
+        failure = isinstance(outcome, ErrorKind) or (
+            breaker.is_failure_status(outcome)
+            if breaker is not None
+            else outcome in DEFAULT_FAILURE_STATUSES
+        )
+        if breaker is None:
+            self.last_state_change = None
+        elif failure:
+            self.last_state_change = breaker.on_failure(now)
+        else:
+            self.last_state_change = breaker.on_success(now)
+        has_next = self._has_next(attempt.hop)
+        # has_next counts a trailing off, so a final 404 there moves on and is refused.
+        if verdict is Verdict.USE or (verdict is Verdict.NEXT_NOTFOUND and not has_next):
+            p.used = True
+            return Verdict.USE
+        if isinstance(outcome, ErrorKind):
+            text = f"upstream {hop.url} {_ERROR_TEXT[outcome]}"
+        else:
+            text = f"upstream {hop.url} answered {outcome}"
+        p.history.append(text)
+        if verdict is Verdict.NEXT_NOTFOUND:
+            self._advance()
+            return verdict
+        if verdict is Verdict.RETRY_SAME:
+            # An opened breaker (this failure may have tripped it) forbids the retry.
+            may_retry = breaker is None or breaker.state is not BreakerState.OPEN
+            if may_retry and self._idempotent and attempt.retry < self._retry.max_retries:
+                delay = self._retry.backoff.delay(attempt.retry, self._rng)
+                if now + delay < self.deadline:
+                    p.retry, p.delay = attempt.retry + 1, delay
+                    return verdict
+            verdict = Verdict.NEXT_ERROR
+        if hop.fallthrough == "any" and has_next:
+            self._advance()
+        else:
+            self._finish(504 if outcome is ErrorKind.TIMEOUT else 502, text)
+        return verdict
+
+    def abandon(self, attempt: Attempt, now: float) -> None:
+        """End the walk after ``attempt`` was cancelled (client gone, request deadline).
+
+        The upstream is not judged; a half-open trial is released. :meth:`next` then returns
+        :class:`Exhausted` (504 if the deadline has passed).
+        """
+        p = self._p
+        if attempt is not p.pending:
+            raise RuntimeError(f"{attempt!r} is not the pending attempt")
+        p.pending = None
+        breaker = self._breakers.get(attempt.upstream_url)
+        if breaker is not None:
+            breaker.on_abandon(now)
+        if now >= self.deadline:
+            self._finish(504, "request deadline exceeded")
+        else:
+            self._finish(502, f"attempt to upstream {attempt.upstream_url} abandoned")
+
+    @property
+    def chain_ends_off(self) -> bool:
+        """Whether reaching the end of the chain refuses."""
+        return isinstance(self.chain, Chain) and self.chain.ends_off
+
+    @property
+    def _hops(self) -> tuple[Hop, ...]:
+        assert isinstance(self.chain, Chain)
+        return self.chain.hops
+
+    def _has_next(self, index: int) -> bool:
+        return index + 1 < len(self._hops) or self.chain_ends_off
+
+    def _advance(self) -> None:
+        self._p.hop += 1
+        self._p.retry, self._p.delay = 0, 0.0
+
+    def _finish(self, status: int, reason: str) -> Exhausted:
+        p = self._p
+        p.result = Exhausted(status_hint=status, reason=reason, history=tuple(p.history))
+        return p.result
+
+    def __repr__(self) -> str:
+        p = self._p
+        state = "used" if p.used else "pending" if p.pending else "done" if p.result else "ready"
+        return f"<ChainWalk {state} hop={p.hop} retry={p.retry} attempts={p.attempts}>"
+
+
+# ---- private paths ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrivateRule:
+    """Paths matching any of ``patterns`` may only be fetched from ``upstreams``.
+
+    Raises:
+        ChainError: on no patterns, no upstreams or a malformed glob.
+    """
+
+    patterns: tuple[str, ...]
+    upstreams: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not any(g.strip("/") for p in self.patterns for g in p.split(",")):
+            raise ChainError("a private rule needs at least one pattern")
+        if not self.upstreams:
+            raise ChainError("a private rule needs at least one upstream")
+        for pattern in self.patterns:
+            for glob in pattern.split(","):
+                _compile_glob(glob.rstrip("/"))
+
+
+def match_prefix_patterns(globs: Iterable[str], target: str) -> bool:
+    """Go's ``module.MatchPrefixPatterns``: does any glob match a prefix of ``target``'s elements?
+
+    A glob with N slashes is matched (with ``path.Match`` rules: ``*`` and ``?`` never match
+    ``/``) against the first N+1 slash-separated elements of ``target``. Each glob may itself
+    be a comma-separated list, as in ``GOPRIVATE``; a trailing ``/`` and empty globs are ignored.
+
+    Raises:
+        ChainError: on a malformed glob.
+    """
+    for item in globs:
+        for raw in item.split(","):
+            glob = raw.removesuffix("/")
+            if not glob:
+                continue
+            elements = glob.count("/") + 1
+            parts = target.split("/")
+            if len(parts) < elements:
+                continue
+            if _compile_glob(glob).fullmatch("/".join(parts[:elements])):
+                return True
+    return False
+
+
+def match_private(path: str, rules: Iterable[PrivateRule]) -> PrivateRule | None:
+    """The first rule whose patterns match the module ``path`` (a leading ``/`` is ignored).
+
+    ``path`` is the unescaped module path, e.g. ``corp.example/team/lib/@v/list``; matching
+    a prefix of its elements makes the ``@v/...`` suffix irrelevant.
+    """
+    target = path.lstrip("/")
+    for rule in rules:
+        if match_prefix_patterns(rule.patterns, target):
+            return rule
+    return None
+
+
+def restrict_chain(chain: Chain | Refuse, rule: PrivateRule) -> Chain | Refuse:
+    """Keep only the hops ``rule`` allows, in order, each with its own separator.
+
+    Returns :class:`Refuse` (403) when no hop is left, so the request goes nowhere.
+    """
+    if isinstance(chain, Refuse):
+        return chain
+    allowed = set(rule.upstreams)
+    hops = tuple(hop for hop in chain.hops if hop.url in allowed)
+    if not hops:
+        return Refuse(reason="this private path may not be fetched from the route's upstreams")
+    return Chain(hops=hops, ends_off=chain.ends_off)
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_glob(glob: str) -> re.Pattern[str]:
+    """Translate a Go ``path.Match`` glob to a regex; ChainError where Go says ErrBadPattern."""
+    out: list[str] = []
+    i, n = 0, len(glob)
+
+    def bad(why: str) -> ChainError:
+        return ChainError(f"bad path pattern {glob!r}: {why}")
+
+    def char(j: int) -> tuple[str, int]:
+        """One class character, honouring ``\\`` escapes; returns it and the next index."""
+        if j >= n or glob[j] in "-]":
+            raise bad("unterminated or malformed [ ] class")
+        if glob[j] == "\\":
+            if j + 1 >= n:
+                raise bad("trailing backslash")
+            return glob[j + 1], j + 2
+        return glob[j], j + 1
+
+    while i < n:
+        ch = glob[i]
+        if ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        elif ch == "\\":
+            if i + 1 >= n:
+                raise bad("trailing backslash")
+            out.append(re.escape(glob[i + 1]))
+            i += 2
+        elif ch == "[":
+            i += 1
+            negate = i < n and glob[i] == "^"
+            i += negate
+            ranges: list[str] = []
+            count = 0
+            while True:
+                if i < n and glob[i] == "]" and count:
+                    i += 1
+                    break
+                lo, i = char(i)
+                hi = lo
+                if i < n and glob[i] == "-":
+                    hi, i = char(i + 1)
+                count += 1
+                if lo <= hi:  # Go accepts an inverted range; it simply matches nothing
+                    ranges.append(f"{re.escape(lo)}-{re.escape(hi)}")
+            if ranges:
+                out.append(f"[{'^' if negate else ''}{''.join(ranges)}]")
+            else:
+                out.append("." if negate else "(?!)")
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+# ---- loop detection --------------------------------------------------------------------------
+
+
+def via_names_node(via_header: str | None, node_name: str) -> bool:
+    """Whether a ``Via`` field value (RFC 9110 §7.6.3) names ``node_name`` as a recipient.
+
+    ``Via: 1.1 name, 1.0 other:8080 (comment, with commas)``: each member is a received
+    protocol, a received-by (pseudonym or host, optional port) and an optional comment.
+    Names compare case-insensitively; ``node_name`` without a port also matches a received-by
+    with one. Malformed members are ignored. Several ``Via`` fields should be joined with ``,``.
+
+    Raises:
+        ValueError: if ``node_name`` is empty.
+    """
+    if not node_name.strip():
+        raise ValueError("node_name must not be empty")
+    if not via_header:
+        return False
+    node = node_name.strip().lower()
+    for member in _split_via(via_header):
+        words = member.split()
+        if len(words) < 2:
+            continue
+        received_by = words[1].lower()
+        if received_by == node or _host_of(received_by) == node:
+            return True
+    return False
+
+
+def _split_via(value: str) -> list[str]:
+    """Split on commas outside comments, and drop the comments (RFC 9110 §5.6.5)."""
+    members: list[str] = []
+    current: list[str] = []
+    depth = 0
+    escaped = False
+    for ch in value:
+        if depth:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+        elif ch == "(":
+            depth = 1
+            current.append(" ")
+        elif ch == ",":
+            members.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    members.append("".join(current))
+    return members
+
+
+def _host_of(received_by: str) -> str:
+    if received_by.startswith("["):  # IPv6 literal, RFC 3986 §3.2.2
+        return received_by.partition("]")[0] + "]"
+    return received_by.partition(":")[0]

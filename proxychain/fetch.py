@@ -1,0 +1,273 @@
+"""Fetching through a route's upstream chain: the shell loop around ``failover.ChainWalk``.
+
+A :class:`Route` is a configured route compiled for use: its chain, one connection pool and one
+circuit breaker per upstream, and its caching knobs. :func:`fetch_through_chain` asks the walk
+for the next attempt, performs it, and reports the outcome back, until an upstream's response
+is used (yielded to the caller, connection held until the caller is done) or the walk is
+exhausted (:class:`~proxychain.errors.AllUpstreamsFailed` raised from an ``ExceptionGroup`` of
+the individual failures, as trio's ``open_tcp_stream`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from . import failover, mirror, policy
+from .breaker import Breaker, BreakerConfig, StateChange
+from .clock import Clock
+from .errors import AllUpstreamsFailed, RequestRefused, UpstreamError
+from .http import Request
+from .settings import RouteSettings
+from .upstream import (
+    Connector,
+    Origin,
+    Timeouts,
+    UpstreamPool,
+    UpstreamResponse,
+    create_ssl_context,
+)
+
+__all__ = ["FetchResult", "Route", "build_routes", "fetch_through_chain"]
+
+log = logging.getLogger("proxychain.upstream")
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Route kinds whose files never change: a client's no-cache does not force a refetch of them.
+_IMMUTABLE_KINDS = frozenset({"goproxy", "pypi", "npm"})
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """The response an upstream gave, and which upstream it was."""
+
+    upstream: str
+    response: UpstreamResponse
+
+
+class Route:
+    """A configured route, compiled: chain, pools, breakers and caching knobs."""
+
+    def __init__(
+        self,
+        settings: RouteSettings,
+        *,
+        clock: Clock,
+        connect: Connector | None,
+        rng: random.Random,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng
+        self.chain = failover.parse_chain(settings.upstreams)
+        self.retry = failover.RetryPolicy(max_retries=settings.retries)
+        self.private = tuple(
+            failover.PrivateRule(patterns=p.patterns, upstreams=p.upstreams)
+            for p in settings.private
+        )
+        b = settings.breaker
+        breaker_config = BreakerConfig(
+            failures=b.failures,
+            failure_ratio=b.failure_ratio,
+            window=b.window,
+            min_requests=min(b.min_requests, b.window),
+            open_base=b.open_base,
+            open_cap=b.open_cap,
+        )
+        t = settings.timeouts
+        timeouts = Timeouts(
+            connect=t.connect, first_byte=t.first_byte, between_bytes=t.between_bytes
+        )
+        ssl_context = create_ssl_context(ca_file=settings.ca_file or None)
+        self.pools: dict[str, UpstreamPool] = {}
+        self.breakers: dict[str, Breaker] = {}
+        hops = self.chain.hops if isinstance(self.chain, failover.Chain) else ()
+        for hop in hops:
+            origin = Origin.parse(hop.url)
+            self.pools[hop.url] = UpstreamPool(
+                origin,
+                timeouts=timeouts,
+                connect=connect,
+                ssl_context=ssl_context if origin.scheme == "https" else None,
+            )
+            self.breakers[hop.url] = Breaker(breaker_config, rng)
+        immutable_default = settings.kind in _IMMUTABLE_KINDS
+        self.policy = policy.RoutePolicy(
+            negative_ttl=settings.negative_ttl,
+            swr_default=settings.swr or 0.0,
+            max_stale=settings.max_stale or 0.0,
+            ignore_client_no_cache=(
+                settings.ignore_client_no_cache
+                if settings.ignore_client_no_cache is not None
+                else immutable_default
+            ),
+            default_ttl=settings.ttl,
+        )
+
+    def override(self, path_class: mirror.PathClass) -> policy.Override | None:
+        """The per-path freshness override of a mirror path class (route knobs win)."""
+        if path_class.kind == "other" and not path_class.immutable and path_class.ttl is None:
+            return None
+        return policy.Override(
+            immutable=path_class.immutable,
+            ttl=self.settings.ttl if self.settings.ttl is not None else path_class.ttl,
+            swr=self.settings.swr if self.settings.swr is not None else path_class.swr,
+            max_stale=(
+                self.settings.max_stale
+                if self.settings.max_stale is not None
+                else path_class.max_stale
+            ),
+        )
+
+    def chain_for(self, path: str) -> failover.Chain | failover.Refuse:
+        """The chain for ``path``: restricted to a private rule's upstreams when one matches."""
+        rule = failover.match_private(path, self.private)
+        return self.chain if rule is None else failover.restrict_chain(self.chain, rule)
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+
+
+def build_routes(
+    settings: Sequence[RouteSettings],
+    *,
+    clock: Clock,
+    connect: Connector | None,
+    rng: random.Random,
+) -> list[Route]:
+    """Compile every configured route."""
+    return [Route(s, clock=clock, connect=connect, rng=rng) for s in settings]
+
+
+def log_state_change(upstream: str, change: StateChange | None) -> None:
+    if change is not None:
+        log.warning(
+            "breaker for %s: %s -> %s (%s)%s",
+            upstream,
+            change.old.name,
+            change.new.name,
+            change.event.name.lower(),
+            f", next probe in {change.next_probe_at - change.at:.2f}s"
+            if change.next_probe_at is not None
+            else "",
+        )
+
+
+@asynccontextmanager
+async def fetch_through_chain(
+    route: Route,
+    request: Request,
+    clock: Clock,
+    *,
+    body: AsyncIterable[bytes] | None = None,
+) -> AsyncIterator[FetchResult]:
+    """Send ``request`` along ``route``'s chain; yield the first usable response.
+
+    Raises:
+        RequestRefused: the chain is ``off`` or a private path has no allowed upstream (403).
+        AllUpstreamsFailed: every attempt failed or was skipped; ``status_hint`` 502 or 504.
+    """
+    chain = route.chain_for(request.path)
+    if isinstance(chain, failover.Refuse):
+        raise RequestRefused(chain.reason, status_hint=chain.status_hint)
+    now = clock.monotonic()
+    tracked = _TrackedBody(body) if body is not None else None
+    walk = failover.ChainWalk(
+        chain,
+        route.breakers,
+        route.retry,
+        route.rng,
+        now,
+        deadline=now + route.settings.timeouts.deadline,
+        idempotent=request.method in IDEMPOTENT_METHODS and body is None,
+    )
+    failures: list[Exception] = []
+    while True:
+        step = walk.next(clock.monotonic())
+        if isinstance(step, failover.Exhausted):
+            error = AllUpstreamsFailed(step.reason, status_hint=step.status_hint)
+            if step.status_hint == 403:
+                raise RequestRefused(step.reason, status_hint=403)
+            if failures:
+                raise error from ExceptionGroup(step.reason, failures)
+            raise error
+        if step.delay_before > 0:
+            await trio.sleep(step.delay_before)
+        pool = route.pools[step.upstream_url]
+        started = clock.monotonic()
+        cm = pool.request(request, body=tracked)
+        try:
+            with trio.move_on_at(walk.deadline) as deadline_scope:
+                response = await cm.__aenter__()
+        except UpstreamError as exc:
+            exc.upstream = exc.upstream or step.upstream_url
+            failures.append(exc)
+            walk.record(step, exc.kind, clock.monotonic())
+            log_state_change(step.upstream_url, walk.last_state_change)
+            log.info("upstream %s failed: %s", step.upstream_url, exc)
+            if tracked is not None and tracked.started:
+                # The request body is spent; no other attempt can send it again.
+                raise AllUpstreamsFailed(str(exc), status_hint=exc.status_hint) from exc
+            continue
+        except BaseException:
+            walk.abandon(step, clock.monotonic())
+            raise
+        if deadline_scope.cancelled_caught:
+            walk.abandon(step, clock.monotonic())
+            failures.append(
+                UpstreamError(
+                    "request deadline exceeded", upstream=step.upstream_url, status_hint=504
+                )
+            )
+            continue
+        status = response.head.status
+        verdict = walk.record(step, status, clock.monotonic())
+        log_state_change(step.upstream_url, walk.last_state_change)
+        if verdict is not failover.Verdict.USE:
+            await cm.__aexit__(None, None, None)
+            failures.append(UpstreamError(f"answered {status}", upstream=step.upstream_url))
+            log.info("upstream %s answered %d; trying on", step.upstream_url, status)
+            continue
+        log.debug(
+            "upstream %s answered %d in %.3fs",
+            step.upstream_url,
+            status,
+            clock.monotonic() - started,
+        )
+        async with _exit_with(cm):
+            yield FetchResult(step.upstream_url, response)
+        return
+
+
+@asynccontextmanager
+async def _exit_with(cm: object) -> AsyncIterator[None]:
+    """Run ``cm.__aexit__`` with whatever the body raised (the pool decides reuse from it)."""
+    try:
+        yield
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):  # type: ignore[attr-defined]
+            raise
+    else:
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+
+class _TrackedBody:
+    """A request body iterator that remembers whether any of it was consumed."""
+
+    def __init__(self, body: AsyncIterable[bytes]) -> None:
+        self._body = body
+        self.started = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        async for chunk in self._body:
+            self.started = True
+            yield chunk

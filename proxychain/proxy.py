@@ -1,0 +1,678 @@
+"""The proxy: routes, the cache decision loop, fills and background revalidation.
+
+Theory of operation (one request, see also the README's architecture section):
+
+1. The route is the longest configured prefix of the request path. A request whose ``Via``
+   names this node already is a loop (508). Methods other than GET/HEAD pass through, their
+   bodies streamed upstream, and a non-error answer invalidates what they touched
+   (RFC 9111 §4.4).
+2. GET/HEAD: the route's mirror kind classifies the path (immutable file or mutable metadata,
+   see ``mirror.py``) and gives the path to key on; the store returns every stored variant;
+   the sans-IO policy (``policy.py``) turns them into one decision, executed here
+   exhaustively: ``Fresh`` serves the stored response, ``ServeStale`` serves it and may start
+   one background revalidation owned by the proxy's nursery (so a client that leaves does not
+   cancel it), ``Revalidate`` makes a conditional request in the foreground, ``Miss`` fills.
+3. A fill is coalesced per key (``coalesce.py``): the leader fetches through the route's chain
+   (``fetch.py``) and tees every chunk to its client and into a temp file; waiters follow the
+   file. The temp file becomes the entry only when the whole body arrived with the promised
+   length; anything else aborts both the file and every client transfer.
+4. When the chain fails, the policy decides between a stale copy (stale-if-error, or the
+   route's ``max_stale``) and an honest 502/504.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import assert_never
+
+import trio
+
+from . import freshness, keys, mirror, policy
+from .breaker import BreakerStatistics
+from .clock import Clock
+from .coalesce import Fill, FillFailed, FillRegistry
+from .delivery import serve_stored
+from .disk import open_disk_tier
+from .entry import Entry
+from .errors import AllUpstreamsFailed, ProxyChainError, UpstreamError
+from .fetch import Route, build_routes, fetch_through_chain
+from .http import Headers, Request, ResponseHead, strip_hop_by_hop
+from .server import ClientGone, ClientInfo, Exchange, H11Sink, send_error
+from .settings import Settings
+from .store import MemoryTier, Store, Stored
+from .upstream import Connector
+
+__all__ = ["Proxy", "open_proxy"]
+
+log = logging.getLogger("proxychain.proxy")
+
+# Background revalidations running at once, across all keys: a burst of stale hits after an
+# outage must not turn into a burst of upstream requests.
+MAX_BACKGROUND_REVALIDATIONS = 16
+# Fields a cache fill must not forward: the fill asks for the whole, current representation.
+_CLIENT_CONDITIONALS = (
+    "if-none-match",
+    "if-modified-since",
+    "if-match",
+    "if-unmodified-since",
+    "if-range",
+    "range",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """Where a cacheable request lands: its route, path class, key and stored variants."""
+
+    route: Route
+    request: Request  # the client's request
+    upstream_target: str  # route-relative origin-form target sent upstream
+    url: str  # the client-visible URL the entry is stored under (route prefix included)
+    key: str
+    path_class: mirror.PathClass
+
+
+class Proxy:
+    """Serves requests for a set of routes out of a store, filling it from upstream chains."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        nursery: trio.Nursery,
+        clock: Clock,
+        routes: list[Route],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.routes = sorted(routes, key=lambda r: len(r.settings.prefix), reverse=True)
+        self.node_name = settings.server.node_name or (
+            f"proxychain-{socket.gethostname()}-{settings.server.port}"
+        )
+        self._nursery = nursery
+        self._fills = FillRegistry()
+        self._revalidating: set[str] = set()
+        self._revalidation_limiter = trio.CapacityLimiter(MAX_BACKGROUND_REVALIDATIONS)
+        self.counters: dict[str, int] = {}
+
+    # ---- public surface -----------------------------------------------------------------------
+
+    def match_route(self, target: str) -> Route | None:
+        """The route whose prefix is the longest match for ``target``."""
+        path = target.split("?", 1)[0]
+        for route in self.routes:
+            prefix = route.settings.prefix
+            if path.startswith(prefix) or path == prefix.rstrip("/"):
+                return route
+        return None
+
+    async def purge(self, *, url: str | None = None, prefix: str | None = None) -> int:
+        """Remove one URL (every variant) or every URL under a prefix, from both tiers."""
+        removed = 0
+        if url is not None:
+            removed += await self.store.remove(keys.primary_key("GET", self._key_url(url)))
+        if prefix is not None:
+            removed += await self.store.purge_prefix(prefix)
+        return removed
+
+    def breaker_statistics(self) -> dict[str, BreakerStatistics]:
+        """Breaker state of every upstream of every route, by upstream URL."""
+        out: dict[str, BreakerStatistics] = {}
+        for route in self.routes:
+            for url, breaker in route.breakers.items():
+                out[url] = breaker.statistics()
+        return out
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ---- request entry point ------------------------------------------------------------------
+
+    async def handle(
+        self,
+        request: Request,
+        body: AsyncIterator[bytes] | None,
+        sink: H11Sink,
+        client: ClientInfo,
+        exchange: Exchange,
+    ) -> None:
+        """Answer one request on ``sink``."""
+        route = self.match_route(request.target)
+        if route is None:
+            exchange.outcome = "ERROR"
+            await send_error(sink, 404, f"no route for {request.path}", self.clock)
+            return
+        exchange.route = route.settings.prefix
+        if _via_names(request.headers.get("via"), self.node_name):
+            exchange.outcome = "ERROR"
+            await send_error(
+                sink, 508, f"loop detected: Via already names {self.node_name}", self.clock
+            )
+            return
+        relative = "/" + request.target[len(route.settings.prefix) :]
+        upstream_request = self._upstream_request(route, request, relative, client)
+        try:
+            if request.method in ("GET", "HEAD"):
+                await self._cacheable(route, request, upstream_request, sink, exchange)
+            else:
+                await self._pass_through(route, request, upstream_request, body, sink, exchange)
+        except ProxyChainError as exc:
+            exchange.outcome = exchange.outcome if exchange.outcome != "-" else "ERROR"
+            exchange.detail = exc.reason
+            log.info("%s %s: %s", request.method, request.target, exc.reason)
+            if sink.started:
+                await sink.abort()
+            else:
+                await send_error(sink, exc.status_hint, exc.reason, self.clock)
+
+    # ---- pass-through (unsafe and other methods) ----------------------------------------------
+
+    async def _pass_through(
+        self,
+        route: Route,
+        request: Request,
+        upstream_request: Request,
+        body: AsyncIterator[bytes] | None,
+        sink: H11Sink,
+        exchange: Exchange,
+    ) -> None:
+        exchange.outcome = "BYPASS"
+        async with fetch_through_chain(route, upstream_request, self.clock, body=body) as result:
+            exchange.upstream = result.upstream
+            head = result.response.head
+            await sink.start(
+                self._client_head(
+                    head.status, head.reason, strip_hop_by_hop(head.headers), "BYPASS"
+                )
+            )
+            async for chunk in result.response.body():
+                await sink.send(chunk)
+            await sink.end()
+        if 200 <= head.status < 400:
+            for url in policy.invalidations(request, head):
+                await self.store.remove(keys.primary_key("GET", self._key_url(url)))
+
+    # ---- GET / HEAD ---------------------------------------------------------------------------
+
+    async def _cacheable(
+        self,
+        route: Route,
+        request: Request,
+        upstream_request: Request,
+        sink: H11Sink,
+        exchange: Exchange,
+    ) -> None:
+        relative = upstream_request.target
+        path = relative.split("?", 1)[0]
+        path_class = mirror.classify(route.settings.kind, path)
+        if isinstance(path_class, ProxyChainError):
+            raise path_class
+        query = relative[len(path) :]
+        upstream_request = Request(
+            method=upstream_request.method,
+            target=path_class.key_path + query,
+            headers=upstream_request.headers,
+            scheme=upstream_request.scheme,
+            authority=upstream_request.authority,
+        )
+        url = route.settings.prefix + path_class.key_path.lstrip("/") + query
+        at = _Lookup(
+            route, request, upstream_request.target, url, keys.primary_key("GET", url), path_class
+        )
+        candidates = await self.store.lookup(at.key)
+        now = self.clock.wall()
+        decision = policy.lookup(
+            request, [c.entry for c in candidates], now, route.policy, route.override(path_class)
+        )
+        match decision:
+            case policy.Fresh(entry=entry, age=age):
+                exchange.outcome = "HIT"
+                await self._serve(at, _stored_for(candidates, entry), age, "HIT", sink, exchange)
+            case policy.ServeStale(entry=entry, age=age, revalidate=revalidate):
+                exchange.outcome = "STALE"
+                self.count("stale_served")
+                if revalidate:
+                    self._start_revalidation(at, upstream_request, entry)
+                await self._serve(at, _stored_for(candidates, entry), age, "STALE", sink, exchange)
+            case policy.Revalidate(entry=entry, conditional_headers=conditional):
+                await self._fill(
+                    at,
+                    upstream_request,
+                    sink,
+                    exchange,
+                    validate=(_stored_for(candidates, entry), conditional),
+                )
+            case policy.Miss():
+                await self._fill(at, upstream_request, sink, exchange, validate=None)
+            case policy.GatewayTimeout(reason=reason):
+                exchange.outcome = "MISS"
+                await send_error(sink, 504, reason, self.clock)
+            case _:
+                assert_never(decision)
+
+    async def _serve(
+        self,
+        at: _Lookup,
+        stored: Stored,
+        age: float,
+        outcome: str,
+        sink: H11Sink,
+        exchange: Exchange,
+    ) -> None:
+        exchange.tier = stored.tier
+        extra = Headers([("x-cache", outcome), ("x-cache-tier", stored.tier)])
+        await serve_stored(self.store, stored, age, at.request, sink, extra)
+
+    # ---- fills --------------------------------------------------------------------------------
+
+    async def _fill(
+        self,
+        at: _Lookup,
+        upstream_request: Request,
+        sink: H11Sink,
+        exchange: Exchange,
+        *,
+        validate: tuple[Stored, Headers] | None,
+    ) -> None:
+        """Fetch ``at`` from upstream (conditionally when ``validate``), coalesced per key."""
+        fill = self._fills.get(at.key)
+        if fill is not None and validate is None and await self._follow(at, fill, sink, exchange):
+            return
+        fill = self._fills.start(at.key) if self._fills.get(at.key) is None else None
+        try:
+            try:
+                await self._fetch_and_store(at, upstream_request, sink, exchange, fill, validate)
+            except _Refetch:
+                await self._fetch_and_store(at, upstream_request, sink, exchange, fill, None)
+        finally:
+            if fill is not None:
+                if not (fill.state.finished or fill.state.failed):
+                    fill.fail()
+                self._fills.end(fill)
+
+    async def _follow(self, at: _Lookup, fill: Fill, sink: H11Sink, exchange: Exchange) -> bool:
+        """Serve ``at`` from another request's fill; False means "fetch on your own"."""
+        fill.waiters += 1
+        self.count("coalesced")
+        try:
+            with trio.move_on_after(at.route.settings.coalesce_timeout) as waited:
+                await fill.wait_head()
+            if waited.cancelled_caught:
+                return False
+            state = fill.state
+            if state.finished and state.entry is not None and not state.failed:
+                # Already committed: the store has it now.
+                candidates = await self.store.lookup(at.key)
+                for stored in candidates:
+                    if stored.entry.variant == state.entry.variant and keys.matches(
+                        stored.entry.vary, at.request.headers, at.path_class.forced_vary
+                    ):
+                        exchange.outcome = "HIT"
+                        await self._serve(at, stored, 0.0, "HIT", sink, exchange)
+                        return True
+                return False
+            if (
+                state.head is None
+                or not state.storable
+                or state.entry is None
+                or not keys.matches(state.entry.vary, at.request.headers, at.path_class.forced_vary)
+            ):
+                return False
+            file = await fill.open_follower()
+            if file is None:
+                return False
+            exchange.outcome = "MISS"
+            exchange.detail = "coalesced"
+            try:
+                head = state.head
+                await sink.start(
+                    ResponseHead(status=head.status, reason=head.reason, headers=head.headers)
+                )
+                try:
+                    async for chunk in fill.follow(file):
+                        await sink.send(chunk)
+                except FillFailed:
+                    await sink.abort()
+                    return True
+                await sink.end()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(file.close)
+            return True
+        finally:
+            fill.waiters -= 1
+
+    async def _fetch_and_store(
+        self,
+        at: _Lookup,
+        upstream_request: Request,
+        sink: H11Sink | None,
+        exchange: Exchange,
+        fill: Fill | None,
+        validate: tuple[Stored, Headers] | None,
+    ) -> None:
+        route = at.route
+        req = Request(
+            method="GET",
+            target=upstream_request.target,
+            headers=upstream_request.headers.remove(*_CLIENT_CONDITIONALS).update(
+                validate[1] if validate else Headers()
+            ),
+            scheme=upstream_request.scheme,
+            authority=upstream_request.authority,
+        )
+        request_time = self.clock.wall()
+        try:
+            async with fetch_through_chain(route, req, self.clock) as result:
+                response_time = self.clock.wall()
+                exchange.upstream = result.upstream
+                head = result.response.head
+                if validate is not None and head.status == 304:
+                    await self._freshened(
+                        at, validate[0], head, request_time, response_time, sink, exchange
+                    )
+                    return
+                if head.status >= 500 and (
+                    stale := self._stale_for_error(at, validate, head.status)
+                ):
+                    await self._serve_stale_on_error(at, stale, sink, exchange)
+                    return
+                await self._stream_response(
+                    at, result.response, head, request_time, response_time, sink, exchange, fill
+                )
+        except (AllUpstreamsFailed, UpstreamError) as exc:
+            if sink is not None and sink.started:
+                raise
+            stale = self._stale_for_error(at, validate, exc.status_hint)
+            if stale is None:
+                raise
+            await self._serve_stale_on_error(at, stale, sink, exchange)
+
+    def _stale_for_error(
+        self, at: _Lookup, validate: tuple[Stored, Headers] | None, status: int
+    ) -> tuple[Stored, float] | None:
+        if validate is None:
+            return None
+        stored = validate[0]
+        decision = policy.on_upstream_error(
+            stored.entry,
+            at.request,
+            self.clock.wall(),
+            at.route.policy,
+            at.route.override(at.path_class),
+            status,
+        )
+        if isinstance(decision, policy.ServeStale):
+            return stored, decision.age
+        return None
+
+    async def _serve_stale_on_error(
+        self, at: _Lookup, stale: tuple[Stored, float], sink: H11Sink | None, exchange: Exchange
+    ) -> None:
+        self.count("stale_if_error")
+        exchange.outcome = "STALE"
+        exchange.detail = "upstream failed; served stale"
+        if sink is not None:
+            await self._serve(at, stale[0], stale[1], "STALE", sink, exchange)
+
+    async def _freshened(
+        self,
+        at: _Lookup,
+        stored: Stored,
+        head: ResponseHead,
+        request_time: float,
+        response_time: float,
+        sink: H11Sink | None,
+        exchange: Exchange,
+    ) -> None:
+        outcome = policy.on_validation(stored.entry, head, request_time, response_time)
+        match outcome:
+            case policy.Freshen(entry=entry):
+                await self.store.update_meta(entry)
+                fresh = Stored(entry=entry, tier=stored.tier, body=stored.body)
+                exchange.outcome = "REVALIDATED"
+                if sink is not None:
+                    age = freshness.current_age(entry, self.clock.wall())
+                    await self._serve(at, fresh, age, "REVALIDATED", sink, exchange)
+            case policy.Replace(reason=reason):
+                # A 304 that matches nothing we hold (RFC 9111 §4.3.4): it has no body, so
+                # drop ours and repeat the request without conditionals.
+                log.info("%s: %s; refetching", at.url, reason)
+                await self.store.remove(stored.entry.key, stored.entry.variant)
+                raise _Refetch
+            case _:
+                assert_never(outcome)
+
+    async def _stream_response(
+        self,
+        at: _Lookup,
+        response: object,
+        head: ResponseHead,
+        request_time: float,
+        response_time: float,
+        sink: H11Sink | None,
+        exchange: Exchange,
+        fill: Fill | None,
+    ) -> None:
+        from .upstream import UpstreamResponse
+
+        assert isinstance(response, UpstreamResponse)
+        route = at.route
+        override = route.override(at.path_class)
+        storable = policy.storable(at.request, head, route.policy, override)
+        names = keys.vary_names(head, at.path_class.forced_vary)
+        storable = storable and names is not None
+        headers = policy.stored_headers(head, response_time=response_time)
+        vary = keys.vary_values(at.request.headers, names or ())
+        entry = Entry(
+            key=at.key,
+            variant=keys.variant_key(vary),
+            url=at.url,
+            status=head.status,
+            reason=head.reason,
+            headers=headers,
+            vary=vary,
+            request_time=request_time,
+            response_time=response_time,
+        )
+        writer = await self.store.open_writer(at.key, entry.variant) if storable else None
+        client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), "MISS")
+        if fill is not None:
+            fill.publish_head(client_head, entry, writer.tmp_path if writer else None, storable)
+        exchange.outcome = "MISS" if storable else "BYPASS"
+        client_ok = sink is not None
+        try:
+            if sink is not None:
+                client_ok = await _try(sink.start(client_head))
+            async for chunk in response.body():
+                if writer is not None:
+                    await writer.write(chunk)
+                    if fill is not None:
+                        fill.publish_progress(writer.bytes_written)
+                if client_ok and sink is not None:
+                    client_ok = await _try(sink.send(chunk))
+                if not client_ok and sink is not None and not self._keep_filling(route, fill):
+                    raise ClientGone("client left; fill abandoned")
+            if writer is not None:
+                committed = await writer.commit(entry, expected_size=response.content_length)
+                if fill is not None:
+                    fill.finish(committed)
+                await self._after_store(at, committed)
+            elif fill is not None:
+                fill.finish(None)
+            if client_ok and sink is not None:
+                await sink.end()
+        except BaseException:
+            if fill is not None:
+                fill.fail()
+            if writer is not None:
+                with trio.CancelScope(shield=True):
+                    await writer.abort()
+            if sink is not None and sink.started and not sink.ended:
+                await sink.abort()
+            raise
+
+    async def _after_store(self, at: _Lookup, entry: Entry) -> None:
+        """Drop other variants a new response makes unreachable (same variant key, replaced)."""
+        self.count("stored")
+
+    def _keep_filling(self, route: Route, fill: Fill | None) -> bool:
+        if fill is not None and fill.waiters > 0:
+            return True
+        return route.settings.finish_fill_on_disconnect
+
+    # ---- background revalidation (RFC 5861 §3) ------------------------------------------------
+
+    def _start_revalidation(self, at: _Lookup, upstream_request: Request, entry: Entry) -> None:
+        token = f"{at.key}/{entry.variant}"
+        if token in self._revalidating:
+            return
+        self._revalidating.add(token)
+        self._nursery.start_soon(self._revalidate, at, upstream_request, entry, token)
+
+    async def _revalidate(
+        self, at: _Lookup, upstream_request: Request, entry: Entry, token: str
+    ) -> None:
+        try:
+            async with self._revalidation_limiter:
+                candidates = await self.store.lookup(at.key)
+                stored = next((c for c in candidates if c.entry.variant == entry.variant), None)
+                if stored is None:
+                    return
+                conditional = policy.conditional_headers(stored.entry)
+                exchange = Exchange()
+                await self._fetch_and_store(
+                    at, upstream_request, None, exchange, None, (stored, conditional)
+                )
+                self.count("revalidations")
+                log.info("revalidated %s in the background: %s", at.url, exchange.outcome)
+        except _Refetch:
+            pass  # the stale entry is gone; the next request fetches it whole
+        except ProxyChainError as exc:
+            self.count("revalidation_failures")
+            log.warning("background revalidation of %s failed: %s", at.url, exc.reason)
+        finally:
+            self._revalidating.discard(token)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _upstream_request(
+        self, route: Route, request: Request, relative: str, client: ClientInfo
+    ) -> Request:
+        headers = strip_hop_by_hop(request.headers)
+        host = request.headers.get("host") or ""
+        via = headers.get("via")
+        headers = headers.set("via", (via + ", " if via else "") + f"1.1 {self.node_name}")
+        forwarded_for = headers.get("x-forwarded-for")
+        if client.address:
+            headers = headers.set(
+                "x-forwarded-for",
+                f"{forwarded_for}, {client.address}" if forwarded_for else client.address,
+            )
+        headers = headers.set("x-forwarded-proto", client.scheme)
+        if host:
+            headers = headers.set("x-forwarded-host", host)
+        if not route.settings.preserve_host:
+            headers = headers.remove("host")
+        return Request(
+            method=request.method,
+            target=relative,
+            headers=headers,
+            scheme=client.scheme,
+            authority=host,
+        )
+
+    def _client_head(
+        self, status: int, reason: str, headers: Headers, outcome: str
+    ) -> ResponseHead:
+        headers = headers.set("x-cache", outcome)
+        via = headers.get("via")
+        headers = headers.set("via", (via + ", " if via else "") + f"1.1 {self.node_name}")
+        return ResponseHead(status=status, reason=reason, headers=headers)
+
+    def _key_url(self, url: str) -> str:
+        """The URL an entry for client-visible ``url`` is stored under."""
+        route = self.match_route(url)
+        if route is None:
+            return url
+        relative = "/" + url[len(route.settings.prefix) :]
+        path = relative.split("?", 1)[0]
+        path_class = mirror.classify(route.settings.kind, path)
+        if isinstance(path_class, ProxyChainError):
+            return url
+        return route.settings.prefix + path_class.key_path.lstrip("/") + relative[len(path) :]
+
+
+class _Refetch(Exception):
+    """A 304 matched nothing stored: repeat the request without conditionals."""
+
+
+async def _try(step: Awaitable[None]) -> bool:
+    """Await a sink step; False when the client has gone."""
+    try:
+        await step
+    except ClientGone:
+        return False
+    return True
+
+
+def _stored_for(candidates: list[Stored], entry: Entry) -> Stored:
+    for stored in candidates:
+        if stored.entry is entry:
+            return stored
+    for stored in candidates:
+        if stored.entry.variant == entry.variant:
+            return stored
+    raise AssertionError("policy chose an entry that is not among the candidates")
+
+
+def _via_names(via: str | None, node_name: str) -> bool:
+    if not via:
+        return False
+    for element in via.split(","):
+        parts = element.split()
+        if len(parts) >= 2 and parts[1] == node_name:
+            return True
+    return False
+
+
+@asynccontextmanager
+async def open_proxy(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    connect: Connector | None = None,
+    rng: random.Random | None = None,
+) -> AsyncIterator[Proxy]:
+    """Open the tiers, upstream pools and background tasks; yield a ready :class:`Proxy`.
+
+    Args:
+        settings: validated settings.
+        clock: the time source (tests pin it under MockClock).
+        connect: replaces opening TCP/TLS connections to upstreams (tests inject memory streams).
+        rng: randomness for jitter (tests seed it).
+    """
+    clock = clock or Clock()
+    rng = rng or random.Random()
+    cache = settings.cache
+    routes = build_routes(settings.routes, clock=clock, connect=connect, rng=rng)
+    async with open_disk_tier(
+        cache.dir, max_bytes=cache.disk_max, limiter=trio.CapacityLimiter(cache.disk_threads)
+    ) as disk:
+        memory = MemoryTier(max_bytes=cache.memory_max, object_max=cache.memory_object_max)
+        store = Store(memory, disk)
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(settings, store, nursery, clock, routes)
+            try:
+                yield proxy
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    for route in routes:
+                        await route.aclose()

@@ -1,0 +1,689 @@
+"""Failover chain: parsing, classification, the walker's every separator/outcome pair,
+private paths and Via loop detection."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import pytest
+
+from proxychain.backoff import Backoff
+from proxychain.breaker import Breaker, BreakerConfig, BreakerEvent, BreakerState, StateChange
+from proxychain.errors import ConfigError, ErrorKind
+from proxychain.failover import (
+    Attempt,
+    Chain,
+    ChainError,
+    ChainWalk,
+    Exhausted,
+    Hop,
+    PrivateRule,
+    Refuse,
+    RetryPolicy,
+    Verdict,
+    classify,
+    match_prefix_patterns,
+    match_private,
+    parse_chain,
+    restrict_chain,
+    via_names_node,
+)
+
+USE, NF, ERR, RETRY = Verdict.USE, Verdict.NEXT_NOTFOUND, Verdict.NEXT_ERROR, Verdict.RETRY_SAME
+CONNECT, RESET, TLS = ErrorKind.CONNECT, ErrorKind.RESET, ErrorKind.TLS
+TIMEOUT, PROTOCOL = ErrorKind.TIMEOUT, ErrorKind.PROTOCOL
+A, B, C = "http://a", "http://b", "http://c"
+
+
+class _Open:
+    """Script marker: the upstream's breaker is open when the walk starts."""
+
+
+OPEN = _Open()
+# A fixed retry delay keeps the tables readable; the seeded default is tested separately.
+FIXED_RETRY = RetryPolicy(max_retries=1, backoff=Backoff(base=0.05, cap=1.0, jitter="none"))
+
+Outcome = int | ErrorKind
+Step = tuple[str, float, Verdict]  # (upstream letter, delay_before, verdict)
+
+
+def opened_breaker() -> Breaker:
+    breaker = Breaker(BreakerConfig(failures=1, open_jitter="none"), random.Random(0))
+    breaker.on_failure(0.0)
+    return breaker
+
+
+def drive(
+    chain: str | Chain | Refuse,
+    script: Mapping[str, list[Outcome] | _Open],
+    *,
+    retry: RetryPolicy = FIXED_RETRY,
+    breakers: dict[str, Breaker] | None = None,
+    now: float = 0.0,
+    **kwargs: object,
+) -> tuple[list[Step], Outcome | Exhausted]:
+    """Walk ``chain`` answering each attempt from ``script``; return the trace and the end."""
+    parsed = parse_chain(chain) if isinstance(chain, str) else chain
+    breakers = {} if breakers is None else breakers
+    outcomes: dict[str, list[Outcome]] = {}
+    for url, lines in script.items():
+        if isinstance(lines, list):
+            outcomes[url] = list(lines)
+        else:
+            breakers[url] = opened_breaker()
+    walk = ChainWalk(parsed, breakers, retry, random.Random(0), now, **kwargs)  # type: ignore[arg-type]
+    trace: list[Step] = []
+    while True:
+        step = walk.next(now)
+        if isinstance(step, Exhausted):
+            return trace, step
+        now += step.delay_before
+        outcome = outcomes[step.upstream_url].pop(0)
+        verdict = walk.record(step, outcome, now)
+        trace.append((step.upstream_url[-1], step.delay_before, verdict))
+        if verdict is USE:
+            return trace, outcome
+
+
+# ---- the separator x outcome matrix ------------------------------------------------------
+# (chain, script, expected trace, expected end: the USEd outcome or (status_hint, reason))
+MATRIX: list[tuple[str, dict[str, list[Outcome] | _Open], list[Step], object]] = [
+    # "," : fall through on 404/410 only
+    ("A,B", {A: [200]}, [("a", 0, USE)], 200),
+    ("A,B", {A: [404], B: [200]}, [("a", 0, NF), ("b", 0, USE)], 200),
+    ("A,B", {A: [410], B: [200]}, [("a", 0, NF), ("b", 0, USE)], 200),
+    ("A,B", {A: [500]}, [("a", 0, ERR)], (502, "upstream http://a answered 500")),
+    ("A,B", {A: [502]}, [("a", 0, ERR)], (502, "upstream http://a answered 502")),
+    ("A,B", {A: [503]}, [("a", 0, ERR)], (502, "upstream http://a answered 503")),
+    ("A,B", {A: [504]}, [("a", 0, ERR)], (502, "upstream http://a answered 504")),
+    (
+        "A,B",
+        {A: [CONNECT, CONNECT]},
+        [("a", 0, RETRY), ("a", 0.05, ERR)],
+        (502, "upstream http://a could not be connected to"),
+    ),
+    (
+        "A,B",
+        {A: [RESET, RESET]},
+        [("a", 0, RETRY), ("a", 0.05, ERR)],
+        (502, "upstream http://a reset the connection before answering"),
+    ),
+    ("A,B", {A: [TLS]}, [("a", 0, ERR)], (502, "upstream http://a failed the TLS handshake")),
+    ("A,B", {A: [TIMEOUT]}, [("a", 0, ERR)], (504, "upstream http://a timed out")),
+    ("A,B", {A: [PROTOCOL]}, [("a", 0, ERR)], (502, "upstream http://a sent a malformed response")),
+    ("A,B", {A: OPEN}, [], (502, "upstream http://a unavailable (circuit open)")),
+    # "|" : fall through on anything but a usable answer
+    ("A|B", {A: [200]}, [("a", 0, USE)], 200),
+    ("A|B", {A: [404], B: [200]}, [("a", 0, NF), ("b", 0, USE)], 200),
+    ("A|B", {A: [410], B: [200]}, [("a", 0, NF), ("b", 0, USE)], 200),
+    ("A|B", {A: [500], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [502], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [503], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [504], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    (
+        "A|B",
+        {A: [CONNECT, CONNECT], B: [200]},
+        [("a", 0, RETRY), ("a", 0.05, ERR), ("b", 0, USE)],
+        200,
+    ),
+    ("A|B", {A: [RESET, RESET], B: [200]}, [("a", 0, RETRY), ("a", 0.05, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [TLS], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [TIMEOUT], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: [PROTOCOL], B: [200]}, [("a", 0, ERR), ("b", 0, USE)], 200),
+    ("A|B", {A: OPEN, B: [200]}, [("b", 0, USE)], 200),
+    # a retry that succeeds stays on the same upstream, whatever the separator
+    ("A,B", {A: [CONNECT, 200]}, [("a", 0, RETRY), ("a", 0.05, USE)], 200),
+    ("A|B", {A: [RESET, 404], B: [200]}, [("a", 0, RETRY), ("a", 0.05, NF), ("b", 0, USE)], 200),
+    # the final hop: its 404/410 goes to the client, its failures end the walk
+    ("A", {A: [404]}, [("a", 0, USE)], 404),
+    ("A|B", {A: [503], B: [410]}, [("a", 0, ERR), ("b", 0, USE)], 410),
+    ("A,B", {A: [404], B: [404]}, [("a", 0, NF), ("b", 0, USE)], 404),
+    (
+        "A|B",
+        {A: [404], B: [500]},
+        [("a", 0, NF), ("b", 0, ERR)],
+        (502, "upstream http://b answered 500"),
+    ),
+    (
+        "A|B",
+        {A: [CONNECT, CONNECT], B: [TIMEOUT]},
+        [("a", 0, RETRY), ("a", 0.05, ERR), ("b", 0, ERR)],
+        (504, "upstream http://b timed out"),
+    ),
+    (
+        "A|B",
+        {A: [TIMEOUT], B: [TLS]},
+        [("a", 0, ERR), ("b", 0, ERR)],
+        (502, "upstream http://b failed the TLS handshake"),
+    ),
+    (
+        "A|B",
+        {A: [TIMEOUT], B: OPEN},
+        [("a", 0, ERR)],
+        (502, "upstream http://b unavailable (circuit open)"),
+    ),
+    ("A|B", {A: OPEN, B: OPEN}, [], (502, "upstream http://b unavailable (circuit open)")),
+    (
+        "A",
+        {A: [RESET, RESET]},
+        [("a", 0, RETRY), ("a", 0.05, ERR)],
+        (502, "upstream http://a reset the connection before answering"),
+    ),
+    # mixed separators: each hop's own separator decides
+    ("A,B|C", {A: [404], B: [503], C: [200]}, [("a", 0, NF), ("b", 0, ERR), ("c", 0, USE)], 200),
+    ("A,B|C", {A: [TIMEOUT]}, [("a", 0, ERR)], (504, "upstream http://a timed out")),
+    (
+        "A|B,C",
+        {A: [503], B: [503]},
+        [("a", 0, ERR), ("b", 0, ERR)],
+        (502, "upstream http://b answered 503"),
+    ),
+    ("A|B,C", {A: OPEN, B: OPEN}, [], (502, "upstream http://b unavailable (circuit open)")),
+    ("A|B,C", {A: [TLS], B: [404], C: [200]}, [("a", 0, ERR), ("b", 0, NF), ("c", 0, USE)], 200),
+    # a trailing off refuses whoever reaches it
+    ("A,off", {A: [200]}, [("a", 0, USE)], 200),
+    (
+        "A,off",
+        {A: [404]},
+        [("a", 0, NF)],
+        (403, "upstream http://a answered 404; the chain ends in off"),
+    ),
+    ("A,off", {A: [503]}, [("a", 0, ERR)], (502, "upstream http://a answered 503")),
+    ("A,off", {A: OPEN}, [], (502, "upstream http://a unavailable (circuit open)")),
+    (
+        "A|off",
+        {A: [TIMEOUT]},
+        [("a", 0, ERR)],
+        (403, "upstream http://a timed out; the chain ends in off"),
+    ),
+    (
+        "A|off",
+        {A: OPEN},
+        [],
+        (403, "upstream http://a unavailable (circuit open); the chain ends in off"),
+    ),
+    ("off", {}, [], (403, 'upstreams are "off" for this route')),
+]
+
+
+@pytest.mark.parametrize(("chain", "script", "trace", "end"), MATRIX)
+def test_matrix(
+    chain: str, script: dict[str, list[Outcome] | _Open], trace: list[Step], end: object
+) -> None:
+    text = chain.replace("A", A).replace("B", B).replace("C", C)
+    got_trace, got_end = drive(text, script)
+    assert got_trace == trace
+    if isinstance(end, tuple):
+        assert isinstance(got_end, Exhausted)
+        assert (got_end.status_hint, got_end.reason) == end
+    else:
+        assert got_end == end
+
+
+def test_exhausted_history_lists_every_failure() -> None:
+    _, end = drive(f"{A}|{B}|{C}", {A: [CONNECT, RESET], B: OPEN, C: [503]})
+    assert end == Exhausted(
+        status_hint=502,
+        reason="upstream http://c answered 503",
+        history=(
+            "upstream http://a could not be connected to",
+            "upstream http://a reset the connection before answering",
+            "upstream http://b unavailable (circuit open)",
+            "upstream http://c answered 503",
+        ),
+    )
+
+
+def test_exhausted_is_sticky() -> None:
+    walk = ChainWalk(parse_chain(A), {}, FIXED_RETRY, random.Random(0), 0.0)
+    attempt = walk.next(0.0)
+    assert isinstance(attempt, Attempt)
+    walk.record(attempt, 503, 0.0)
+    expected = Exhausted(
+        status_hint=502,
+        reason="upstream http://a answered 503",
+        history=("upstream http://a answered 503",),
+    )
+    assert walk.next(1.0) == expected
+    assert walk.next(99.0) == expected  # the deadline cannot rewrite a finished walk
+    assert repr(walk) == "<ChainWalk done hop=0 retry=0 attempts=1>"
+
+
+def test_seeded_retry_delay() -> None:
+    trace, _ = drive(A, {A: [CONNECT, 200]}, retry=RetryPolicy())
+    assert trace == [("a", 0, RETRY), ("a", 0.04222109257625241, USE)]
+
+
+def test_attempt_numbering() -> None:
+    walk = ChainWalk(parse_chain(f"{A}|{B}"), {}, FIXED_RETRY, random.Random(0), 0.0)
+    seen = []
+    for outcome in (CONNECT, CONNECT, 200):
+        attempt = walk.next(0.0)
+        assert isinstance(attempt, Attempt)
+        seen.append(attempt)
+        walk.record(attempt, outcome, 0.0)
+    assert seen == [
+        Attempt(upstream_url=A, delay_before=0.0, attempt_no=1, hop=0, retry=0),
+        Attempt(upstream_url=A, delay_before=0.05, attempt_no=2, hop=0, retry=1),
+        Attempt(upstream_url=B, delay_before=0.0, attempt_no=3, hop=1, retry=0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("max_retries", "trace"),
+    [
+        (0, [("a", 0, ERR), ("b", 0, USE)]),
+        (1, [("a", 0, RETRY), ("a", 0.05, ERR), ("b", 0, USE)]),
+        (2, [("a", 0, RETRY), ("a", 0.05, RETRY), ("a", 0.1, ERR), ("b", 0, USE)]),
+    ],
+)
+def test_retry_bound(max_retries: int, trace: list[Step]) -> None:
+    policy = RetryPolicy(max_retries=max_retries, backoff=Backoff(base=0.05, cap=1, jitter="none"))
+    got, end = drive(f"{A}|{B}", {A: [CONNECT] * (max_retries + 1), B: [200]}, retry=policy)
+    assert (got, end) == (trace, 200)
+
+
+def test_no_retry_for_non_idempotent_requests() -> None:
+    trace, _ = drive(f"{A}|{B}", {A: [CONNECT], B: [200]}, idempotent=False)
+    assert trace == [("a", 0, ERR), ("b", 0, USE)]
+
+
+def test_no_retry_past_the_deadline() -> None:
+    trace, end = drive(A, {A: [CONNECT]}, deadline=0.05)
+    assert trace == [("a", 0, ERR)]
+    assert isinstance(end, Exhausted)
+    assert end.status_hint == 502
+
+
+def test_deadline_ends_the_walk() -> None:
+    walk = ChainWalk(parse_chain(f"{A}|{B}"), {}, FIXED_RETRY, random.Random(0), 0.0, deadline=5.0)
+    attempt = walk.next(0.0)
+    assert isinstance(attempt, Attempt)
+    assert walk.record(attempt, 503, 5.0) is ERR
+    assert walk.next(5.0) == Exhausted(
+        status_hint=504,
+        reason="request deadline exceeded",
+        history=("upstream http://a answered 503",),
+    )
+
+
+def test_no_retry_once_the_breaker_opened() -> None:
+    breakers = {A: Breaker(BreakerConfig(failures=1), random.Random(0))}
+    trace, end = drive(f"{A}|{B}", {A: [CONNECT], B: [200]}, breakers=breakers)
+    assert (trace, end) == ([("a", 0, ERR), ("b", 0, USE)], 200)
+
+
+# outcome -> (breaker failures, successes) after one record() on a "|" hop
+BREAKER_FEED = [
+    (200, 0, 1),
+    (304, 0, 1),
+    (404, 0, 1),
+    (410, 0, 1),
+    (429, 0, 1),
+    (500, 0, 1),
+    (502, 1, 0),
+    (503, 1, 0),
+    (504, 1, 0),
+    (CONNECT, 2, 0),  # retried once
+    (RESET, 2, 0),
+    (TLS, 1, 0),
+    (TIMEOUT, 1, 0),
+    (PROTOCOL, 1, 0),
+]
+
+
+@pytest.mark.parametrize(("outcome", "failures", "successes"), BREAKER_FEED)
+def test_outcomes_feed_the_breaker(outcome: Outcome, failures: int, successes: int) -> None:
+    breakers = {A: Breaker(BreakerConfig(), random.Random(0))}
+    script: dict[str, list[Outcome] | _Open] = {A: [outcome] * 2, B: [200]}
+    drive(f"{A}|{B}", script, breakers=breakers)
+    stats = breakers[A].statistics()
+    assert (stats.failures, stats.successes) == (failures, successes)
+    assert stats.requests == failures + successes
+
+
+def test_last_state_change_is_reported() -> None:
+    breakers = {A: Breaker(BreakerConfig(failures=2, open_jitter="none"), random.Random(0))}
+    changes = []
+    for now, outcome in ((3.0, TIMEOUT), (4.0, 503)):
+        walk = ChainWalk(parse_chain(f"{A}|{B}"), breakers, FIXED_RETRY, random.Random(0), now)
+        attempt = walk.next(now)
+        assert isinstance(attempt, Attempt)
+        assert walk.record(attempt, outcome, now) is ERR
+        changes.append(walk.last_state_change)
+    assert changes == [
+        None,
+        StateChange(
+            old=BreakerState.CLOSED,
+            new=BreakerState.OPEN,
+            event=BreakerEvent.TRIP,
+            at=4.0,
+            next_probe_at=5.0,
+        ),
+    ]
+
+
+def test_half_open_trial_is_released_on_abandon() -> None:
+    breaker = opened_breaker()  # probe due at 1.0
+    walk = ChainWalk(parse_chain(A), {A: breaker}, FIXED_RETRY, random.Random(0), 1.0)
+    attempt = walk.next(1.0)
+    assert isinstance(attempt, Attempt)
+    assert not breaker.allow(1.0)
+    walk.abandon(attempt, 1.5)
+    assert walk.next(1.5) == Exhausted(
+        status_hint=502, reason="attempt to upstream http://a abandoned"
+    )
+    assert breaker.allow(1.5)
+    assert breaker.statistics().failures == 1  # abandoning judged nothing
+
+
+def test_abandon_at_the_deadline() -> None:
+    walk = ChainWalk(parse_chain(A), {}, FIXED_RETRY, random.Random(0), 0.0, deadline=2.0)
+    attempt = walk.next(0.0)
+    assert isinstance(attempt, Attempt)
+    walk.abandon(attempt, 2.0)
+    assert walk.next(2.0) == Exhausted(status_hint=504, reason="request deadline exceeded")
+
+
+def test_misuse_is_refused() -> None:
+    walk = ChainWalk(parse_chain(A), {}, FIXED_RETRY, random.Random(0), 0.0)
+    attempt = walk.next(0.0)
+    assert isinstance(attempt, Attempt)
+    with pytest.raises(RuntimeError, match="record"):
+        walk.next(0.0)
+    stranger = Attempt(upstream_url=A, delay_before=0.0, attempt_no=1, hop=0, retry=0)
+    with pytest.raises(RuntimeError, match="not the pending attempt"):
+        walk.record(stranger, 200, 0.0)
+    with pytest.raises(RuntimeError, match="not the pending attempt"):
+        walk.abandon(stranger, 0.0)
+    assert repr(walk) == "<ChainWalk pending hop=0 retry=0 attempts=1>"
+    assert walk.record(attempt, 200, 0.0) is USE
+    assert repr(walk) == "<ChainWalk used hop=0 retry=0 attempts=1>"
+    with pytest.raises(RuntimeError, match="nothing is retried"):
+        walk.next(0.0)
+
+
+# ---- classify ----------------------------------------------------------------------------
+
+CLASSIFY = [
+    (200, USE),
+    (204, USE),
+    (206, USE),
+    (301, USE),
+    (304, USE),
+    (400, USE),
+    (403, USE),
+    (404, NF),
+    (410, NF),
+    (429, USE),
+    (500, ERR),
+    (501, ERR),
+    (502, ERR),
+    (503, ERR),
+    (504, ERR),
+    (599, ERR),
+    (CONNECT, RETRY),
+    (RESET, RETRY),
+    (TLS, ERR),
+    (TIMEOUT, ERR),
+    (PROTOCOL, ERR),
+]
+
+
+@pytest.mark.parametrize(("outcome", "verdict"), CLASSIFY)
+def test_classify(outcome: Outcome, verdict: Verdict) -> None:
+    assert classify(outcome) is verdict
+
+
+@pytest.mark.parametrize("status", [0, 99, 600])
+def test_classify_rejects_non_statuses(status: int) -> None:
+    with pytest.raises(ValueError, match="not an HTTP status"):
+        classify(status)
+
+
+# ---- parse_chain -------------------------------------------------------------------------
+
+PARSE_OK = [
+    ("https://a", Chain(hops=(Hop(url="https://a", fallthrough="notfound"),))),
+    (
+        "https://a,https://b|https://c",
+        Chain(
+            hops=(
+                Hop(url="https://a", fallthrough="notfound"),
+                Hop(url="https://b", fallthrough="any"),
+                Hop(url="https://c", fallthrough="notfound"),
+            )
+        ),
+    ),
+    (
+        " https://a/go | http://b:8080/x/ ",
+        Chain(
+            hops=(
+                Hop(url="https://a/go", fallthrough="any"),
+                Hop(url="http://b:8080/x/", fallthrough="notfound"),
+            )
+        ),
+    ),
+    ("https://a,off", Chain(hops=(Hop(url="https://a"),), ends_off=True)),
+    (
+        "http://[::1]:3000|off",
+        Chain(hops=(Hop(url="http://[::1]:3000", fallthrough="any"),), ends_off=True),
+    ),
+    ("off", Refuse()),
+    (" off ", Refuse()),
+]
+
+
+@pytest.mark.parametrize(("text", "chain"), PARSE_OK)
+def test_parse_chain(text: str, chain: Chain | Refuse) -> None:
+    assert parse_chain(text) == chain
+
+
+PARSE_ERRORS = [
+    ("", "empty upstream list"),
+    ("   ", "empty upstream list"),
+    ("https://a,,https://b", "empty element #2 in 'https://a,,https://b'"),
+    ("https://a,", "empty element #2"),
+    ("|https://a", "empty element #1"),
+    ("https://a| ,https://b", "empty element #2"),
+    ("direct", '"direct" .* is not supported'),
+    ("https://a,direct", '"direct" .* is not supported'),
+    ("off,https://a", '"off" must be the last element'),
+    ("https://a|off|https://b", '"off" must be the last element'),
+    ("ftp://a", "expected an http:// or https:// URL with a host, got 'ftp://a'"),
+    ("https://", "expected an http:// or https:// URL with a host"),
+    ("proxy.golang.org", "expected an http:// or https:// URL with a host"),
+    ("https://a:port", "bad upstream URL 'https://a:port'"),
+    ("https://a/x?y=1", "must have no spaces, query or fragment"),
+    ("https://a/x#y", "must have no spaces, query or fragment"),
+    ("https://a b", "must have no spaces, query or fragment"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), PARSE_ERRORS)
+def test_parse_chain_errors(text: str, message: str) -> None:
+    with pytest.raises(ChainError, match=message) as info:
+        parse_chain(text)
+    assert isinstance(info.value, ConfigError)
+    assert info.value.status_hint == 500
+
+
+def test_chain_needs_a_hop() -> None:
+    with pytest.raises(ChainError, match="at least one upstream"):
+        Chain(hops=())
+
+
+def test_retry_policy_validation() -> None:
+    with pytest.raises(ConfigError, match="retries: expected an integer >= 0"):
+        RetryPolicy(max_retries=-1)
+
+
+# ---- private paths -----------------------------------------------------------------------
+
+# Go's own table for module.MatchPrefixPatterns (golang.org/x/mod/module/module_test.go).
+PREFIX_PATTERNS = [
+    ("", "rsc.io/quote", False),
+    ("/", "rsc.io/quote", False),
+    ("*/quote", "rsc.io/quote", True),
+    ("*/quo", "rsc.io/quote", False),
+    ("*/quo??", "rsc.io/quote", True),
+    ("*/quo*", "rsc.io/quote", True),
+    ("*quo*", "rsc.io/quote", False),
+    ("rsc.io", "rsc.io/quote", True),
+    ("*.io", "rsc.io/quote", True),
+    ("rsc.io/", "rsc.io/quote", True),
+    ("rsc", "rsc.io/quote", False),
+    ("rsc*", "rsc.io/quote", True),
+    ("rsc.io", "rsc.io/quote/v3", True),
+    ("*/quote", "rsc.io/quote/v3", True),
+    ("*/quote/", "rsc.io/quote/v3", True),
+    ("*/quote/*", "rsc.io/quote/v3", True),
+    ("*/quote/*/", "rsc.io/quote/v3", True),
+    ("*/v3", "rsc.io/quote/v3", False),
+    ("*/*/v3", "rsc.io/quote/v3", True),
+    ("*/*/*", "rsc.io/quote/v3", True),
+    ("*/*/*/", "rsc.io/quote/v3", True),
+    ("*/*/*", "rsc.io/quote", False),
+    ("*/*/*/", "rsc.io/quote", False),
+    ("*/*/*,,", "rsc.io/quote", False),
+    ("*/*/*,,*/quote", "rsc.io/quote", True),
+    (",,*/quote", "rsc.io/quote", True),
+    # path.Match classes and escapes
+    ("rsc.[a-z]o", "rsc.io/quote", True),
+    ("rsc.[^i]o", "rsc.io/quote", False),
+    ("rsc.[^a-h]o", "rsc.io/quote", True),
+    ("rsc.[[]o", "rsc.[o/x", True),
+    ("rsc.[z-a]o", "rsc.io/quote", False),
+    ("rsc.[^z-a]o", "rsc.io/quote", True),
+    (r"rsc\.io", "rsc.io/quote", True),
+    (r"rsc.[\]]o", "rsc.]o/x", True),
+    (r"[a\-c]", "-/x", True),
+    (r"[a\-c]", "b/x", False),
+    (r"rsc.\*", "rsc.*/quote", True),
+    (r"rsc.\*", "rsc.io/quote", False),
+    ("rsc.io/quote", "RSC.io/quote", False),  # case matters, as in Go
+]
+
+
+@pytest.mark.parametrize(("globs", "target", "want"), PREFIX_PATTERNS)
+def test_match_prefix_patterns(globs: str, target: str, want: bool) -> None:
+    assert match_prefix_patterns([globs], target) is want
+
+
+@pytest.mark.parametrize(
+    "glob", ["[", "a[b", "[]", "[]a]", "[^]", "[-a]", "[a-]", "[a-b", "x\\", "[\\"]
+)
+def test_bad_globs(glob: str) -> None:
+    with pytest.raises(ChainError, match="bad path pattern"):
+        match_prefix_patterns([glob], "a/b")
+    with pytest.raises(ChainError, match="bad path pattern"):
+        PrivateRule(patterns=(glob,), upstreams=(A,))
+
+
+CORP = PrivateRule(patterns=("corp.example", "*.corp.example/*"), upstreams=(A,))
+TEAM = PrivateRule(patterns=("github.com/acme/secret*",), upstreams=(B, C))
+
+
+@pytest.mark.parametrize(
+    ("path", "rule"),
+    [
+        ("/corp.example/lib/@v/list", CORP),
+        ("corp.example/@v/v1.0.0.zip", CORP),
+        ("/git.corp.example/team/lib/@latest", CORP),
+        ("/git.corp.example", None),  # the glob needs two elements
+        ("/github.com/acme/secret-sauce/@v/list", TEAM),
+        ("/github.com/acme/public/@v/list", None),
+        ("/golang.org/x/mod/@v/list", None),
+    ],
+)
+def test_match_private(path: str, rule: PrivateRule | None) -> None:
+    assert match_private(path, [CORP, TEAM]) == rule
+
+
+@pytest.mark.parametrize(
+    ("patterns", "upstreams", "message"),
+    [
+        ((), (A,), "at least one pattern"),
+        (("/", ","), (A,), "at least one pattern"),
+        (("corp.example",), (), "at least one upstream"),
+    ],
+)
+def test_private_rule_validation(
+    patterns: tuple[str, ...], upstreams: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ChainError, match=message):
+        PrivateRule(patterns=patterns, upstreams=upstreams)
+
+
+@pytest.mark.parametrize(
+    ("chain", "rule", "restricted"),
+    [
+        (f"{A},{B}|{C}", CORP, Chain(hops=(Hop(url=A),))),
+        (
+            f"{A},{B}|{C}",
+            TEAM,
+            Chain(hops=(Hop(url=B, fallthrough="any"), Hop(url=C))),
+        ),
+        (f"{C}|{A},off", CORP, Chain(hops=(Hop(url=A),), ends_off=True)),
+        (
+            f"{B}|{C}",
+            CORP,
+            Refuse(reason="this private path may not be fetched from the route's upstreams"),
+        ),
+        ("off", CORP, Refuse()),
+    ],
+)
+def test_restrict_chain(chain: str, rule: PrivateRule, restricted: Chain | Refuse) -> None:
+    assert restrict_chain(parse_chain(chain), rule) == restricted
+
+
+def test_private_path_never_leaks() -> None:
+    # A private path on a chain that only has public upstreams contacts nobody.
+    chain = restrict_chain(parse_chain(f"{B}|{C}"), CORP)
+    trace, end = drive(chain, {})
+    assert trace == []
+    assert end == Exhausted(
+        status_hint=403, reason="this private path may not be fetched from the route's upstreams"
+    )
+    # And a failing private upstream does not fall through to the public one after it.
+    chain = restrict_chain(parse_chain(f"{A}|{B}"), CORP)
+    trace, end = drive(chain, {A: [TIMEOUT]})
+    assert trace == [("a", 0, ERR)]
+    assert isinstance(end, Exhausted)
+    assert end.status_hint == 504
+
+
+# ---- Via loop detection ------------------------------------------------------------------
+
+VIA_CASES = [
+    (None, "edge", False),
+    ("", "edge", False),
+    ("1.1 edge", "edge", True),
+    ("1.1 EDGE", "edge", True),
+    ("1.1 edge", "Edge", True),
+    ("HTTP/1.1 edge:8080", "edge", True),
+    ("1.1 edge:8080", "edge:8080", True),
+    ("1.1 edge:8080", "edge:9090", False),
+    ("1.1 edge", "edge:8080", False),
+    ("1.0 fred, 1.1 edge (proxychain/0.1)", "edge", True),
+    ("1.0 fred, 1.1 p.example.net", "edge", False),
+    ("1.1 fred (see edge, 1.1 edge)", "edge", False),  # only inside a comment
+    ("1.1 fred (nested (edge, x) \\) 1.1 edge), 1.0 bob", "edge", False),
+    ("1.1 fred (c), , 1.1 edge", "edge", True),
+    ("edge", "edge", False),  # malformed: no protocol
+    ("1.1 edgewise", "edge", False),
+    ("1.1 [::1]:8080", "[::1]", True),
+    ("1.1 [::1]:8080", "[::1]:8080", True),
+    ("1.1 [::2]:8080", "[::1]", False),
+]
+
+
+@pytest.mark.parametrize(("via", "node", "want"), VIA_CASES)
+def test_via_names_node(via: str | None, node: str, want: bool) -> None:
+    assert via_names_node(via, node) is want
+
+
+def test_via_needs_a_node_name() -> None:
+    with pytest.raises(ValueError, match="node_name"):
+        via_names_node("1.1 edge", " ")
