@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,6 +24,9 @@ from .clock import Clock
 from .errors import ConfigError
 from .logs import configure_logging
 from .settings import Settings, default_settings, load_settings, parse_listen
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
 
 __all__ = ["main", "run"]
 
@@ -65,15 +69,14 @@ async def run(settings: Settings, *, handle_signals: bool = True) -> None:
 
 
 async def _start_admin(
-    nursery: trio.Nursery, proxy: object, settings: Settings, shutdown: trio.Event
+    nursery: trio.Nursery, proxy: Proxy, settings: Settings, shutdown: trio.Event
 ) -> None:
     if not settings.admin.enabled:
         return
-    try:
-        from .admin import start_admin
-    except ImportError:  # pragma: no cover - the admin plane is optional at build time
-        return
-    await start_admin(nursery, proxy, settings, shutdown)
+    from .admin import start_admin
+
+    port = await start_admin(nursery, proxy, settings, shutdown)
+    log.info("admin plane on http://%s:%d/", settings.admin.host, port)
 
 
 async def _wait_for_signals(shutdown: trio.Event) -> None:

@@ -21,8 +21,9 @@ import trio
 from . import failover, mirror, policy
 from .breaker import Breaker, BreakerConfig, StateChange
 from .clock import Clock
-from .errors import AllUpstreamsFailed, RequestRefused, UpstreamError
+from .errors import AllUpstreamsFailed, ErrorKind, RequestRefused, UpstreamError
 from .http import Request
+from .observe import Observer
 from .settings import RouteSettings
 from .upstream import (
     Connector,
@@ -62,6 +63,7 @@ class Route:
         rng: random.Random,
     ) -> None:
         self.settings = settings
+        self.observer: Observer | None = None  # set by the proxy
         self.clock = clock
         self.rng = rng
         self.chain = failover.parse_chain(settings.upstreams)
@@ -145,8 +147,11 @@ def build_routes(
     return [Route(s, clock=clock, connect=connect, rng=rng) for s in settings]
 
 
-def log_state_change(upstream: str, change: StateChange | None) -> None:
+def log_state_change(route: Route, upstream: str, change: StateChange | None) -> None:
+    """Log a breaker transition and tell the route's observer."""
     if change is not None:
+        if route.observer is not None:
+            route.observer.breaker_change(upstream, change)
         log.warning(
             "breaker for %s: %s -> %s (%s)%s",
             upstream,
@@ -209,7 +214,8 @@ async def fetch_through_chain(
             exc.upstream = exc.upstream or step.upstream_url
             failures.append(exc)
             walk.record(step, exc.kind, clock.monotonic())
-            log_state_change(step.upstream_url, walk.last_state_change)
+            _upstream_done(route, step.upstream_url, exc.kind, clock.monotonic() - started)
+            log_state_change(route, step.upstream_url, walk.last_state_change)
             log.info("upstream %s failed: %s", step.upstream_url, exc)
             if tracked is not None and tracked.started:
                 # The request body is spent; no other attempt can send it again.
@@ -228,7 +234,8 @@ async def fetch_through_chain(
             continue
         status = response.head.status
         verdict = walk.record(step, status, clock.monotonic())
-        log_state_change(step.upstream_url, walk.last_state_change)
+        _upstream_done(route, step.upstream_url, status, clock.monotonic() - started)
+        log_state_change(route, step.upstream_url, walk.last_state_change)
         if verdict is not failover.Verdict.USE:
             await cm.__aexit__(None, None, None)
             failures.append(UpstreamError(f"answered {status}", upstream=step.upstream_url))
@@ -243,6 +250,11 @@ async def fetch_through_chain(
         async with _exit_with(cm):
             yield FetchResult(step.upstream_url, response)
         return
+
+
+def _upstream_done(route: Route, upstream: str, outcome: int | ErrorKind, took: float) -> None:
+    if route.observer is not None:
+        route.observer.upstream_done(upstream, outcome, took)
 
 
 @asynccontextmanager

@@ -56,7 +56,7 @@ async def _probe_loop(route: Route, url: str, clock: Clock, node_name: str) -> N
         ok = await _probe(pool, request, route.settings.timeouts.first_byte)
         now = clock.monotonic()
         change = breaker.on_success(now) if ok else breaker.on_failure(now)
-        log_state_change(url, change)
+        log_state_change(route, url, change)
         if not ok:
             log.info("health probe of %s%s failed", url, route.settings.health_path)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from functools import partial
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ from .disk import open_disk_tier
 from .entry import Entry
 from .errors import AllUpstreamsFailed, ProxyChainError, UpstreamError
 from .fetch import Route, build_routes, fetch_through_chain
+from .health import run_health_checks
+from .metrics import Metrics, multiprocess_enabled
+from .observe import Observer
+from .status import build_stats, readiness, tier_figures
 from .http import Headers, Request, ResponseHead, strip_hop_by_hop
 from .server import ClientGone, ClientInfo, Exchange, H11Sink, send_error
 from .settings import Settings
@@ -87,6 +92,7 @@ class Proxy:
         nursery: trio.Nursery,
         clock: Clock,
         routes: list[Route],
+        observer: Observer,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -99,7 +105,9 @@ class Proxy:
         self._fills = FillRegistry()
         self._revalidating: set[str] = set()
         self._revalidation_limiter = trio.CapacityLimiter(MAX_BACKGROUND_REVALIDATIONS)
-        self.counters: dict[str, int] = {}
+        self.observer = observer
+        for route in self.routes:
+            route.observer = observer
 
     # ---- public surface -----------------------------------------------------------------------
 
@@ -129,8 +137,33 @@ class Proxy:
                 out[url] = breaker.statistics()
         return out
 
-    def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+    def request_done(
+        self,
+        request: Request,
+        status: int,
+        bytes_sent: int,
+        duration: float,
+        exchange: Exchange,
+        aborted: bool,
+    ) -> None:
+        """Called by the server when a response is finished (or abandoned)."""
+        detail = exchange.detail + (" (aborted)" if aborted else "")
+        self.observer.request_done(exchange.route, request.method, status, exchange.outcome,
+                                   exchange.tier, bytes_sent, duration, detail)
+
+    # ---- admin plane (proxychain.admin.AdminBackend) ------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Live figures for ``/admin/stats`` and the status page."""
+        return build_stats(self)
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Readiness: disk tier writable, and every route has an upstream that is not open."""
+        return readiness(self)
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition."""
+        return self.observer.metrics.render()
 
     # ---- request entry point ------------------------------------------------------------------
 
@@ -236,7 +269,7 @@ class Proxy:
                 await self._serve(at, _stored_for(candidates, entry), age, "HIT", sink, exchange)
             case policy.ServeStale(entry=entry, age=age, revalidate=revalidate):
                 exchange.outcome = "STALE"
-                self.count("stale_served")
+                self.observer.stale_served(route.settings.prefix, "while_revalidate")
                 if revalidate:
                     self._start_revalidation(at, upstream_request, entry)
                 await self._serve(at, _stored_for(candidates, entry), age, "STALE", sink, exchange)
@@ -299,7 +332,7 @@ class Proxy:
     async def _follow(self, at: _Lookup, fill: Fill, sink: H11Sink, exchange: Exchange) -> bool:
         """Serve ``at`` from another request's fill; False means "fetch on your own"."""
         fill.waiters += 1
-        self.count("coalesced")
+        self.observer.coalesced(at.route.settings.prefix)
         try:
             with trio.move_on_after(at.route.settings.coalesce_timeout) as waited:
                 await fill.wait_head()
@@ -415,7 +448,7 @@ class Proxy:
     async def _serve_stale_on_error(
         self, at: _Lookup, stale: tuple[Stored, float], sink: H11Sink | None, exchange: Exchange
     ) -> None:
-        self.count("stale_if_error")
+        self.observer.stale_served(at.route.settings.prefix, "if_error")
         exchange.outcome = "STALE"
         exchange.detail = "upstream failed; served stale"
         if sink is not None:
@@ -519,8 +552,7 @@ class Proxy:
             raise
 
     async def _after_store(self, at: _Lookup, entry: Entry) -> None:
-        """Drop other variants a new response makes unreachable (same variant key, replaced)."""
-        self.count("stored")
+        """Hook for work after an entry is committed."""
 
     def _keep_filling(self, route: Route, fill: Fill | None) -> bool:
         if fill is not None and fill.waiters > 0:
@@ -550,12 +582,13 @@ class Proxy:
                 await self._fetch_and_store(
                     at, upstream_request, None, exchange, None, (stored, conditional)
                 )
-                self.count("revalidations")
+                result = "not_modified" if exchange.outcome == "REVALIDATED" else "replaced"
+                self.observer.revalidation(at.route.settings.prefix, result)
                 log.info("revalidated %s in the background: %s", at.url, exchange.outcome)
         except _Refetch:
-            pass  # the stale entry is gone; the next request fetches it whole
+            self.observer.revalidation(at.route.settings.prefix, "replaced")
         except ProxyChainError as exc:
-            self.count("revalidation_failures")
+            self.observer.revalidation(at.route.settings.prefix, "failed")
             log.warning("background revalidation of %s failed: %s", at.url, exc.reason)
         finally:
             self._revalidating.discard(token)
@@ -667,8 +700,13 @@ async def open_proxy(
     ) as disk:
         memory = MemoryTier(max_bytes=cache.memory_max, object_max=cache.memory_object_max)
         store = Store(memory, disk)
+        metrics = Metrics(tier_source=partial(tier_figures, store, cache),
+                          multiprocess=multiprocess_enabled())
+        observer = Observer(metrics, clock)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(settings, store, nursery, clock, routes)
+            proxy = Proxy(settings, store, nursery, clock, routes, observer)
+            for route in proxy.routes:
+                nursery.start_soon(run_health_checks, route, clock, proxy.node_name)
             try:
                 yield proxy
             finally:
