@@ -130,6 +130,37 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_purge(args: argparse.Namespace) -> int:
+    import os
+
+    from .admin import ADMIN_TOKEN_ENV, purge_remote
+    from .errors import ProxyChainError
+
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        print(f"proxychain: purge needs --token or {ADMIN_TOKEN_ENV}", file=sys.stderr)
+        return EXIT_USAGE
+    target: str = args.target
+    # A trailing "*" reads as "everything under", the way people write it in a shell.
+    is_prefix = args.prefix or target.endswith("*")
+    target = target.removesuffix("*") if is_prefix else target
+    try:
+        purged = trio.run(
+            partial(
+                purge_remote,
+                args.admin,
+                token,
+                url=None if is_prefix else target,
+                prefix=target if is_prefix else None,
+            )
+        )
+    except ProxyChainError as exc:
+        print(f"proxychain: purge failed: {exc.reason}", file=sys.stderr)
+        return 1
+    print(f"purged {purged} {'entry' if purged == 1 else 'entries'}")
+    return 0
+
+
 def _replace(obj: object, **changes: object) -> object:
     import dataclasses
 
@@ -160,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify_p.add_argument("--config", "-c")
     verify_p.add_argument("--keep", action="store_true", help="report corrupt entries only")
     verify_p.set_defaults(func=_cmd_verify)
+
+    from .settings import DEFAULT_ADMIN_LISTEN
+
+    purge_p = sub.add_parser(
+        "purge", help="remove a URL (every variant) or a prefix from a running proxy's cache"
+    )
+    purge_p.add_argument("target", help="a URL or path; a trailing * purges everything under it")
+    purge_p.add_argument("--prefix", action="store_true", help="treat TARGET as a prefix")
+    purge_p.add_argument(
+        "--admin",
+        default=f"http://{DEFAULT_ADMIN_LISTEN}",
+        help=f"the admin plane's base URL (default: http://{DEFAULT_ADMIN_LISTEN})",
+    )
+    purge_p.add_argument("--token", help="admin bearer token (default: $PROXYCHAIN_ADMIN_TOKEN)")
+    purge_p.set_defaults(func=_cmd_purge)
     return parser
 
 

@@ -35,6 +35,7 @@ import hmac
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import partial
@@ -257,10 +258,20 @@ def _purge_target(document: object) -> tuple[str | None, str | None] | None:
     if not isinstance(value, str) or not value:
         return None
     if key == "url":
-        return value, None
+        return _local_target(value), None
     if key == "prefix":
-        return None, value
+        return None, _local_target(value)
     return None
+
+
+def _local_target(target: str) -> str:
+    """The origin-form target entries are stored under: an absolute URL loses its scheme and
+    authority (``http://cache:8080/go/x`` and ``/go/x`` name the same entry)."""
+    parts = urllib.parse.urlsplit(target)
+    if not (parts.scheme and parts.netloc):
+        return target
+    path = parts.path or "/"
+    return f"{path}?{parts.query}" if parts.query else path
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

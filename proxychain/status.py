@@ -64,7 +64,7 @@ def build_stats(proxy: Proxy) -> dict[str, object]:
                 {
                     "name": url,
                     "route": prefix,
-                    "state": s.state.name.lower().replace("_", "-"),
+                    "state": s.state.name.lower(),  # closed, half_open, open: the page and metrics spelling
                     "failures": s.consecutive_failures,
                     "requests": s.requests,
                     "next_probe_at": (

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,12 @@ PURGE_BODY_CASES = [
     # (body, status, reply, purged)
     (URL_BODY, 200, {"purged": 1}, [("/go/x/@v/list", None)]),
     (b'{"prefix": "/go/"}', 200, {"purged": 3}, [(None, "/go/")]),
+    # Absolute URLs name the same entries as their origin-form targets.
+    (b'{"url": "http://cache:8080/go/x/@v/list"}', 200, {"purged": 1}, [("/go/x/@v/list", None)]),
+    (b'{"url": "https://cache/p/a?b=1"}', 200, {"purged": 1}, [("/p/a?b=1", None)]),
+    (b'{"url": "http://cache:8080"}', 200, {"purged": 1}, [("/", None)]),
+    (b'{"prefix": "http://cache:8080/go/"}', 200, {"purged": 3}, [(None, "/go/")]),
+    (b'{"url": "cache:8080/go/x"}', 200, {"purged": 1}, [("cache:8080/go/x", None)]),
     (b"", 400, None, []),
     (b"{not json", 400, None, []),
     (b"\xff\xfe", 400, None, []),
@@ -467,51 +474,51 @@ async def chromium(*args: str) -> bytes:
     return done.stdout
 
 
+class PageCells(HTMLParser):
+    """Collects text by (row key, data-field) and a few ids' attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row: str | None = None
+        self.field: str | None = None
+        self.cells: dict[tuple[str, str], tuple[str, str]] = {}
+        self.value = ""
+        self.attrs_by_id: dict[str, dict[str, str | None]] = {}
+        self.errors: list[str] = []
+        self.in_error = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        ident = a.get("id")
+        if ident:
+            self.attrs_by_id[ident] = a
+        for key in ("data-route", "data-upstream", "data-tier"):
+            if tag == "tr" and a.get(key):
+                self.row = a[key]
+        if tag == "td" and a.get("data-field"):
+            self.field, self.value = a["data-field"], a.get("data-value") or ""
+        if tag == "li":
+            self.in_error = True
+            self.errors.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self.field = None
+        if tag == "li":
+            self.in_error = False
+
+    def handle_data(self, data: str) -> None:
+        if self.row and self.field:
+            text = self.cells.get((self.row, self.field), (self.value, ""))[1]
+            self.cells[self.row, self.field] = (self.value, text + data)
+        if self.in_error:
+            self.errors[-1] += data
+
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 async def test_status_page_in_headless_chromium() -> None:
-    from html.parser import HTMLParser
-
-    class Cells(HTMLParser):
-        """Collects text by (row key, data-field) and a few ids' attributes."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.row: str | None = None
-            self.field: str | None = None
-            self.cells: dict[tuple[str, str], tuple[str, str]] = {}
-            self.value = ""
-            self.attrs_by_id: dict[str, dict[str, str | None]] = {}
-            self.errors: list[str] = []
-            self.in_error = False
-
-        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-            a = dict(attrs)
-            ident = a.get("id")
-            if ident:
-                self.attrs_by_id[ident] = a
-            for key in ("data-route", "data-upstream", "data-tier"):
-                if tag == "tr" and a.get(key):
-                    self.row = a[key]
-            if tag == "td" and a.get("data-field"):
-                self.field, self.value = a["data-field"], a.get("data-value") or ""
-            if tag == "li":
-                self.in_error = True
-                self.errors.append("")
-
-        def handle_endtag(self, tag: str) -> None:
-            if tag == "td":
-                self.field = None
-            if tag == "li":
-                self.in_error = False
-
-        def handle_data(self, data: str) -> None:
-            if self.row and self.field:
-                text = self.cells.get((self.row, self.field), (self.value, ""))[1]
-                self.cells[self.row, self.field] = (self.value, text + data)
-            if self.in_error:
-                self.errors[-1] += data
-
     with trio.fail_after(60):
         async with running_admin(FakeBackend(), TOKEN) as base:
             dom = (await chromium("--dump-dom", base + "/")).decode()
@@ -519,7 +526,7 @@ async def test_status_page_in_headless_chromium() -> None:
             shot = ARTIFACTS / "status_page.png"
             shot.unlink(missing_ok=True)
             await chromium(f"--screenshot={shot}", "--window-size=1000,1100", base + "/")
-    parser = Cells()
+    parser = PageCells()
     parser.feed(dom)
     cells = parser.cells
     assert parser.attrs_by_id["status-line"]["class"] == "ok"

@@ -355,7 +355,8 @@ async def test_corrupt_entry_dropped_and_logged(
         body.write_bytes(b"hello")
     caplog.set_level(logging.WARNING, logger="proxychain.disk")
     async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
-        assert await tier.lookup(KEY) == []
+        assert await tier.lookup(KEY) == []  # the lookup or the background scan drops it
+        await tier.wait_index_ready()
         assert tier.statistics().corrupt_dropped == 1
         assert not meta.exists()
     [message] = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
