@@ -244,13 +244,13 @@ class Store:
             except CacheCorrupt:
                 self._promotion_failures += 1  # dropped from disk and logged by the tier
                 continue
-            loaded.append(Stored(entry=entry, tier="memory", body=body))
-        fitted = all(self.memory.put(s.entry, s.body or b"") for s in loaded)
-        if fitted:
+            # Read from disk for this request (tier "disk"); held in memory for the next ones.
+            loaded.append(Stored(entry=entry, tier="disk", body=body))
+        if all(self.memory.put(s.entry, s.body or b"") for s in loaded):
             self._promotions += len(loaded)
-            return loaded
-        self.memory.remove(key)  # all or nothing; the bodies in hand still serve this request
-        return [Stored(entry=s.entry, tier="disk", body=s.body) for s in loaded]
+        else:
+            self.memory.remove(key)  # all or nothing; the bodies in hand still serve this request
+        return loaded
 
     async def open_body(
         self, stored: Stored, *, chunk_size: int = 1 << 20

@@ -164,7 +164,8 @@ async def test_disk_hit_promoted_after_verification(disk: DiskTier) -> None:
     committed = await fill(new_store(disk), KEY, b"promote me")
     store = new_store(disk)  # another process, or a restart: empty memory
     [stored] = await store.lookup(KEY)
-    assert stored == Stored(entry=committed, tier="memory", body=b"promote me")
+    # This request read it from disk; the next one finds it in memory.
+    assert stored == Stored(entry=committed, tier="disk", body=b"promote me")
     assert store.statistics().promotions == 1
     assert store.memory.get(KEY) == [(committed, b"promote me")]
 
@@ -209,9 +210,9 @@ async def test_commit_keeps_memory_complete_per_key(disk: DiskTier) -> None:
     assert store.memory.variants(KEY) == frozenset()  # V2 unknown to memory: key left it
     found = await store.lookup(KEY)
     assert {(s.entry.variant, s.tier) for s in found} == {
-        (V1, "memory"),
-        (V2, "memory"),
-        (V3, "memory"),
+        (V1, "disk"),
+        (V2, "disk"),
+        (V3, "disk"),
     }
     await fill(store, KEY, b"one again", variant=V1)
     assert store.memory.variants(KEY) == {V1, V2, V3}
