@@ -299,6 +299,7 @@ class Proxy:
         exchange: Exchange,
     ) -> None:
         exchange.tier = stored.tier
+        self.store.touch(stored)
         extra = Headers([("x-cache", outcome), ("x-cache-tier", stored.tier)])
         await serve_stored(self.store, stored, age, at.request, sink, extra)
 
