@@ -80,6 +80,11 @@ def peak_rss_kib(pid: int) -> tuple[int, int]:
     return max(values, default=0), sum(values)
 
 
+def rss_kib(pid: int) -> int:
+    """Sum of VmRSS over ``pid`` and its descendants, KiB (the baseline for a peak)."""
+    return sum(_status_kib(p, "VmRSS") for p in [pid, *descendants(pid)])
+
+
 def reset_peak_rss(pid: int) -> None:
     """Reset VmHWM of ``pid`` and its descendants (``clear_refs`` 5, Linux >= 4.0)."""
     for p in [pid, *descendants(pid)]:

@@ -239,6 +239,12 @@ _PROXYCHAIN_TOML = """\
 [server]
 listen = "127.0.0.1:{port}"
 
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[log]
+access_log = false  # as nginx's access_log off
+
 [cache]
 dir = "{cache_dir}"
 memory_max = "{memory_mib}MiB"
@@ -261,6 +267,7 @@ def proxychain(
     config.write_text(
         _PROXYCHAIN_TOML.format(
             port=port,
+            admin_port=free_port(),
             cache_dir=home / "cache",
             memory_mib=sizes.memory_mib,
             disk_gib=sizes.disk_gib,

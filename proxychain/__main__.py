@@ -1,4 +1,4 @@
-"""Command line: ``proxychain serve | check-config | verify | purge``.
+"""Command line: ``proxychain serve | check-config | verify | warm | purge``.
 
 User mistakes (a bad config, a missing file) print one line and exit with status 2; only bugs
 print tracebacks.
@@ -161,6 +161,24 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warm(args: argparse.Namespace) -> int:
+    from .warm import DEFAULT_CONCURRENCY, LockfileError, prefixes_from_settings, warm_main
+
+    settings = _load(args.config)
+    proxy = args.proxy or f"http://{settings.server.host}:{settings.server.port}"
+    try:
+        return warm_main(
+            args.lockfiles,
+            proxy=proxy,
+            prefixes=prefixes_from_settings(settings),
+            concurrency=args.concurrency or DEFAULT_CONCURRENCY,
+            progress=False if args.no_progress else None,
+        )
+    except LockfileError as exc:
+        print(f"proxychain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _replace(obj: object, **changes: object) -> object:
     import dataclasses
 
@@ -191,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify_p.add_argument("--config", "-c")
     verify_p.add_argument("--keep", action="store_true", help="report corrupt entries only")
     verify_p.set_defaults(func=_cmd_verify)
+
+    warm_p = sub.add_parser("warm", help="fetch what lockfiles pin through a running proxy")
+    warm_p.add_argument("lockfiles", nargs="+", metavar="LOCKFILE")
+    warm_p.add_argument("--config", "-c", help="the proxy's config (route prefixes, listen)")
+    warm_p.add_argument("--proxy", help="the proxy's base URL (default: from the config)")
+    warm_p.add_argument("--concurrency", type=int, help="requests in flight (default 8)")
+    warm_p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    warm_p.set_defaults(func=_cmd_warm)
 
     from .settings import DEFAULT_ADMIN_LISTEN
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import urllib.error
 import urllib.parse
@@ -74,6 +75,8 @@ MAX_ADMIN_BODY_BYTES = 64 * 1024
 ADMIN_GRACEFUL_TIMEOUT_SECONDS = 3.0
 # The CLI's patience with the admin listener (a purge of a large prefix walks the disk tier).
 PURGE_TIMEOUT_SECONDS = 30.0
+
+ADMIN_LOG = logging.getLogger("proxychain.admin")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -323,6 +326,10 @@ async def serve_admin(
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = graceful_timeout
+    # hypercorn's own messages go through proxychain's logging setup (so JSON-lines logs stay
+    # JSON); requests to the admin plane are not worth an access-log line each.
+    config.errorlog = ADMIN_LOG
+    config.accesslog = None
     async with trio.open_nursery() as nursery:
         # hypercorn reports its binds as URLs ("http://127.0.0.1:40123"); the port is what
         # callers (and tests on port 0) need.

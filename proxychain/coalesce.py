@@ -15,6 +15,9 @@ Theory of operation:
   head does not arrive within the coalescing timeout. It never gets an error because of this
   machinery: if the fill fails before the waiter sent anything, it fetches on its own; if it
   fails after, the waiter's transfer is aborted (never a short "complete" body).
+* Waiters share their reads: a piece of the temp file read for one waiter is kept (a bounded
+  window of recent pieces) and handed, as the same ``bytes`` object, to every waiter that
+  reaches that offset, so a herd of N waiters costs one file read per piece instead of N.
 * The temp file is opened by waiters before the leader commits (renames) it; an open file
   descriptor stays valid across ``os.replace`` on POSIX, so a waiter that opened the file keeps
   reading the committed body. A waiter that arrives after the commit simply finds the entry in
@@ -23,6 +26,8 @@ Theory of operation:
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,16 @@ __all__ = ["Fill", "FillRegistry", "FillState"]
 
 # Read size for waiters following a fill: bytes per system call is what counts for big bodies.
 FOLLOW_CHUNK = 1024 * 1024
+# Waiters are woken each time the body grows past a multiple of this, not on every write: a
+# herd of N waiters costs N task switches per wake-up, and upstream reads are smaller.
+# The price is that a waiter may trail the leader by up to this much until the fill ends;
+# one wake-up per read-size piece keeps a herd's cost per waiter near one piece per wake.
+FOLLOW_WAKE_STEP = FOLLOW_CHUNK  # bytes
+# Recently read pieces kept for the waiters that follow: a herd moves together, so a few
+# pieces cover it; a waiter further behind reads for itself.
+SHARED_READ_WINDOW = 8 * FOLLOW_CHUNK  # bytes
+# ... and at least this often while the body grows slowly (seconds).
+FOLLOW_WAKE_INTERVAL = 0.010
 
 
 @dataclass(slots=True)
@@ -50,6 +65,7 @@ class FillState:
     finished: bool = False
     failed: bool = False
     storable: bool = False
+    expected: int | None = None  # the body's length, when the upstream announced it
 
 
 @dataclass(eq=False)
@@ -61,6 +77,10 @@ class Fill:
     waiters: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)
     _head_known: trio.Event = field(default_factory=trio.Event)
+    _pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes read there
+    _pieces_size: int = 0
+    _reading: dict[int, trio.Event] = field(default_factory=dict)  # offset -> read under way
+    _notified_at: float = -math.inf
 
     # ---- leader side --------------------------------------------------------------------------
 
@@ -71,12 +91,23 @@ class Fill:
         self.state.entry = entry
         self.state.tmp_path = tmp_path
         self.state.storable = storable
+        length = head.headers.get("content-length")
+        self.state.expected = int(length) if length and length.isdigit() else None
         self._head_known.set()
         self._notify()
 
     def publish_progress(self, written: int) -> None:
+        before = self.state.written
         self.state.written = written
-        self._notify()
+        now = trio.current_time()
+        # Batch wake-ups by size, but never let a slow trickle (a slow WAN) or the first bytes
+        # of a herd's fill wait for a whole step.
+        if (
+            before == 0
+            or written // FOLLOW_WAKE_STEP != before // FOLLOW_WAKE_STEP
+            or now - self._notified_at >= FOLLOW_WAKE_INTERVAL
+        ):
+            self._notify()
 
     def finish(self, entry: Entry | None) -> None:
         if entry is not None:
@@ -91,6 +122,7 @@ class Fill:
         self._notify()
 
     def _notify(self) -> None:
+        self._notified_at = trio.current_time()
         event, self._changed = self._changed, trio.Event()
         event.set()
 
@@ -110,23 +142,63 @@ class Fill:
         except FileNotFoundError:
             return None
 
-    async def follow(self, file: BinaryIO) -> AsyncIterator[bytes]:
-        """Yield the body as the leader writes it; raises :class:`FillFailed` if it breaks."""
-        offset = 0
+    def follow(self, file: BinaryIO) -> AsyncIterator[bytes]:
+        """The body as the leader writes it; raises :class:`FillFailed` if it breaks.
+
+        A plain iterator rather than an async generator: a waiter whose client leaves simply
+        drops it, with nothing left to finalise.
+        """
+        return _Follower(self, file)
+
+    async def _read_at(self, file: BinaryIO, offset: int, size: int) -> bytes:
+        """The piece of the body at ``offset``: shared with other waiters, or read here."""
+        while (pending := self._reading.get(offset)) is not None:
+            await pending.wait()
+        piece = self._pieces.get(offset)
+        if piece is not None:
+            return piece
+        done = self._reading[offset] = trio.Event()
+        try:
+            piece = await trio.to_thread.run_sync(os.pread, file.fileno(), size, offset)
+        finally:
+            del self._reading[offset]
+            done.set()
+        if piece:
+            self._pieces[offset] = piece
+            self._pieces_size += len(piece)
+            while self._pieces_size > SHARED_READ_WINDOW:
+                oldest = min(self._pieces)
+                self._pieces_size -= len(self._pieces.pop(oldest))
+        return piece
+
+
+class _Follower:
+    """One waiter's position in a fill's body."""
+
+    def __init__(self, fill: Fill, file: BinaryIO) -> None:
+        self._fill = fill
+        self._file = file
+        self._offset = 0
+
+    def __aiter__(self) -> _Follower:
+        return self
+
+    async def __anext__(self) -> bytes:
+        fill = self._fill
         while True:
-            changed = self._changed
-            available = self.state.written - offset
+            changed = fill._changed
+            available = fill.state.written - self._offset
             if available > 0:
-                chunk = await trio.to_thread.run_sync(file.read, min(available, FOLLOW_CHUNK))
+                chunk = await fill._read_at(self._file, self._offset, min(available, FOLLOW_CHUNK))
                 if not chunk:
                     raise FillFailed("body file shorter than announced")
-                offset += len(chunk)
-                yield chunk
-                continue
-            if self.state.failed:
+                self._offset += len(chunk)
+                return chunk
+            if fill.state.failed:
                 raise FillFailed("the upstream fetch failed mid-body")
-            if self.state.finished:
-                return
+            if fill.state.finished or self._offset == fill.state.expected:
+                # With a known length the body is complete before the commit ends the fill.
+                raise StopAsyncIteration
             await changed.wait()
 
 

@@ -8,7 +8,7 @@ memory slices for memory hits, from the disk tier in large chunks otherwise.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from . import policy, ranges
@@ -16,7 +16,7 @@ from .http import Headers, Request, ResponseHead
 from .server import H11Sink
 from .store import Store, Stored
 
-__all__ = ["serve_stored"]
+__all__ = ["serve_stored", "slice_chunks"]
 
 _boundaries = random.Random()
 
@@ -97,11 +97,13 @@ def _without_body_fields(headers: Headers) -> Headers:
 
 async def _send_slice(store: Store, stored: Stored, span: ranges.ByteRange, sink: H11Sink) -> None:
     async with aclosing(store.open_body(stored)) as body:
-        async for piece in _slice(body, span.first, span.last):
+        async for piece in slice_chunks(body, span.first, span.last):
             await sink.send(piece)
 
 
-async def _slice(chunks: AsyncIterator[bytes], first: int, last: int) -> AsyncIterator[bytes]:
+async def slice_chunks(
+    chunks: AsyncIterator[bytes], first: int, last: int
+) -> AsyncGenerator[bytes, None]:
     """Bytes ``first`` to ``last`` (inclusive) of a chunk stream."""
     offset = 0
     async for chunk in chunks:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import trio
 
-from . import failover, mirror, policy
-from .breaker import Breaker, BreakerConfig, StateChange
+from . import failover, goproxy, mirror, policy
+from .breaker import Breaker, BreakerConfig, BreakerEvent, BreakerState, StateChange
 from .clock import Clock
 from .errors import AllUpstreamsFailed, ErrorKind, RequestRefused, UpstreamError
 from .http import Request
@@ -34,13 +34,24 @@ from .upstream import (
     create_ssl_context,
 )
 
-__all__ = ["FetchResult", "Route", "build_routes", "fetch_through_chain"]
+__all__ = [
+    "LOOP_DETECTED",
+    "FetchResult",
+    "Route",
+    "build_routes",
+    "fetch_through_chain",
+    "log_state_change",
+    "probe_due_change",
+]
 
 log = logging.getLogger("proxychain.upstream")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Route kinds whose files never change: a client's no-cache does not force a refetch of them.
 _IMMUTABLE_KINDS = frozenset({"goproxy", "pypi", "npm"})
+# RFC 5842 §7.2: a proxy further along found itself in Via. Passed on as it is, so every node
+# of a misconfigured loop answers 508 instead of turning it into a 502 of its own.
+LOOP_DETECTED = 508
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +139,23 @@ class Route:
 
     def chain_for(self, path: str) -> failover.Chain | failover.Refuse:
         """The chain for ``path``: restricted to a private rule's upstreams when one matches."""
-        rule = failover.match_private(path, self.private)
+        rule = failover.match_private(self._private_subject(path), self.private)
         return self.chain if rule is None else failover.restrict_chain(self.chain, rule)
+
+    def _private_subject(self, path: str) -> str:
+        """What private patterns match: for goproxy, the module path in its real case.
+
+        GOPROXY URLs case-encode module paths (``github.com/!corp`` is ``github.com/Corp``),
+        and a checksum-database lookup names a module too; matching the escaped text would let
+        a private module slip past a pattern written the way ``GOPRIVATE`` spells it.
+        """
+        if not self.private or self.settings.kind != "goproxy":
+            return path
+        request = goproxy.parse(path)
+        if isinstance(request, goproxy.ModuleRequest):
+            return "/" + request.module
+        lookup = goproxy.sumdb_lookup_module(path)
+        return path if lookup is None else "/" + lookup[0]
 
     async def aclose(self) -> None:
         for pool in self.pools.values():
@@ -145,6 +171,19 @@ def build_routes(
 ) -> list[Route]:
     """Compile every configured route."""
     return [Route(s, clock=clock, connect=connect, rng=rng) for s in settings]
+
+
+def probe_due_change(was: BreakerState, breaker: Breaker, now: float) -> StateChange | None:
+    """The OPEN -> HALF_OPEN transition a ``Breaker.allow`` just made, if it made one.
+
+    ``allow`` moves an open breaker to HALF_OPEN lazily and returns only a bool, so the shell
+    compares states around it to log and count that transition like the others.
+    """
+    if was is BreakerState.OPEN and breaker.state is BreakerState.HALF_OPEN:
+        return StateChange(
+            old=was, new=BreakerState.HALF_OPEN, event=BreakerEvent.PROBE_DUE, at=now
+        )
+    return None
 
 
 def log_state_change(route: Route, upstream: str, change: StateChange | None) -> None:
@@ -194,7 +233,11 @@ async def fetch_through_chain(
     )
     failures: list[Exception] = []
     while True:
-        step = walk.next(clock.monotonic())
+        before = {url: breaker.state for url, breaker in route.breakers.items()}
+        now = clock.monotonic()
+        step = walk.next(now)
+        for url, was in before.items():
+            log_state_change(route, url, probe_due_change(was, route.breakers[url], now))
         if isinstance(step, failover.Exhausted):
             error = AllUpstreamsFailed(step.reason, status_hint=step.status_hint)
             if step.status_hint == 403:
@@ -236,7 +279,7 @@ async def fetch_through_chain(
         verdict = walk.record(step, status, clock.monotonic())
         _upstream_done(route, step.upstream_url, status, clock.monotonic() - started)
         log_state_change(route, step.upstream_url, walk.last_state_change)
-        if verdict is not failover.Verdict.USE:
+        if verdict is not failover.Verdict.USE and status != LOOP_DETECTED:
             await cm.__aexit__(None, None, None)
             failures.append(UpstreamError(f"answered {status}", upstream=step.upstream_url))
             log.info("upstream %s answered %d; trying on", step.upstream_url, status)

@@ -16,7 +16,7 @@ import trio
 from .breaker import BreakerState
 from .clock import Clock
 from .errors import UpstreamError
-from .fetch import Route, log_state_change
+from .fetch import Route, log_state_change, probe_due_change
 from .http import Headers, Request
 from .upstream import UpstreamPool
 
@@ -51,8 +51,10 @@ async def _probe_loop(route: Route, url: str, clock: Clock, node_name: str) -> N
         else:
             await trio.sleep(interval)
         now = clock.monotonic()
+        was = breaker.state
         if not breaker.allow(now):
             continue
+        log_state_change(route, url, probe_due_change(was, breaker, now))
         ok = await _probe(pool, request, route.settings.timeouts.first_byte)
         now = clock.monotonic()
         change = breaker.on_success(now) if ok else breaker.on_failure(now)

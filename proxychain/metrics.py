@@ -89,7 +89,8 @@ BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 
 # Methods kept as label values; anything else is "OTHER" so a client cannot blow up cardinality.
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
-Outcome = Literal["HIT", "MISS", "STALE", "REVALIDATED", "BYPASS"]
+# ERROR: no cache outcome, the proxy answered with an error of its own (no route, 502, ...).
+Outcome = Literal["HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "ERROR"]
 Tier = Literal["memory", "disk", "none"]
 
 

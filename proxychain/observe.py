@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .breaker import StateChange
 from .clock import Clock
 from .errors import ErrorKind
-from .metrics import Metrics
+from .metrics import Metrics, Outcome, Tier
 
 __all__ = ["Observer", "RouteFigures"]
 
@@ -26,6 +27,12 @@ RECENT_ERRORS = 50  # kept for the status page
 HISTORY_POINTS = 120  # hit-ratio samples kept (one per HISTORY_INTERVAL)
 HISTORY_INTERVAL = 10.0  # seconds between hit-ratio samples
 _HIT_OUTCOMES = frozenset({"HIT", "STALE", "REVALIDATED"})
+# The exchange's free-form outcome and tier, as metric labels; "-" (nothing decided, e.g. a
+# request that never reached the cache) counts as BYPASS, a tier of "-" as "none".
+_OUTCOME_LABELS: dict[str, Outcome] = {
+    o: o for o in ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "ERROR")
+}
+_TIER_LABELS: dict[str, Tier] = {"memory": "memory", "disk": "disk"}
 
 
 @dataclass(slots=True)
@@ -83,16 +90,26 @@ class Observer:
             figures.errors += 1
             if detail:
                 self.error(route, f"{status} {detail}")
-        tier_label = tier if tier in ("memory", "disk") else "none"
-        outcome_label = outcome if outcome != "-" else "BYPASS"
         self.metrics.request_done(
-            route, method, status, outcome_label, tier_label, bytes_sent, duration  # type: ignore[arg-type]
+            route,
+            method,
+            status,
+            _OUTCOME_LABELS.get(outcome, "BYPASS"),
+            _TIER_LABELS.get(tier, "none"),
+            bytes_sent,
+            duration,
         )
         self._sample(hit)
 
     def upstream_done(self, upstream: str, outcome: int | ErrorKind, duration: float) -> None:
         """One upstream exchange ended with a status, or failed."""
         self.metrics.upstream_done(upstream, outcome, duration)
+
+    def upstreams_known(self, upstreams: Iterable[str]) -> None:
+        """Start the breaker gauges of ``upstreams`` at closed, so a healthy upstream is a
+        series from the first scrape (not only after its first state change)."""
+        for upstream in upstreams:
+            self.metrics.breaker_state(upstream, "closed")
 
     def breaker_change(self, upstream: str, change: StateChange) -> None:
         """A breaker changed state."""

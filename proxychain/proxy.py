@@ -25,32 +25,32 @@ from __future__ import annotations
 import logging
 import random
 import socket
-from functools import partial
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import assert_never
+from functools import partial
+from typing import BinaryIO, assert_never
 
 import trio
 
-from . import freshness, keys, mirror, policy
+from . import freshness, keys, mirror, policy, ranges
 from .breaker import BreakerStatistics
 from .clock import Clock
 from .coalesce import Fill, FillFailed, FillRegistry
-from .delivery import serve_stored
+from .delivery import serve_stored, slice_chunks
 from .disk import open_disk_tier
 from .entry import Entry
 from .errors import AllUpstreamsFailed, ProxyChainError, UpstreamError
 from .fetch import Route, build_routes, fetch_through_chain
 from .health import run_health_checks
+from .http import Headers, Request, ResponseHead, strip_hop_by_hop
 from .metrics import Metrics, multiprocess_enabled
 from .observe import Observer
-from .status import build_stats, readiness, tier_figures
-from .http import Headers, Request, ResponseHead, strip_hop_by_hop
 from .server import ClientGone, ClientInfo, Exchange, H11Sink, send_error
 from .settings import Settings
-from .store import MemoryTier, Store, Stored
-from .upstream import Connector
+from .status import build_stats, readiness, tier_figures
+from .store import MemoryTier, Store, Stored, StoreWriter
+from .upstream import Connector, UpstreamResponse
 
 __all__ = ["Proxy", "open_proxy"]
 
@@ -108,6 +108,7 @@ class Proxy:
         self.observer = observer
         for route in self.routes:
             route.observer = observer
+            observer.upstreams_known(route.breakers)
 
     # ---- public surface -----------------------------------------------------------------------
 
@@ -148,8 +149,16 @@ class Proxy:
     ) -> None:
         """Called by the server when a response is finished (or abandoned)."""
         detail = exchange.detail + (" (aborted)" if aborted else "")
-        self.observer.request_done(exchange.route, request.method, status, exchange.outcome,
-                                   exchange.tier, bytes_sent, duration, detail)
+        self.observer.request_done(
+            exchange.route,
+            request.method,
+            status,
+            exchange.outcome,
+            exchange.tier,
+            bytes_sent,
+            duration,
+            detail,
+        )
 
     # ---- admin plane (proxychain.admin.AdminBackend) ------------------------------------------
 
@@ -228,7 +237,15 @@ class Proxy:
                 await sink.send(chunk)
             await sink.end()
         if 200 <= head.status < 400:
-            for url in policy.invalidations(request, head):
+            # Same-origin Location / Content-Location are judged against the client's Host.
+            client_view = Request(
+                method=request.method,
+                target=request.target,
+                headers=request.headers,
+                scheme=request.scheme,
+                authority=request.headers.get("host") or "",
+            )
+            for url in policy.invalidations(client_view, head):
                 await self.store.remove(keys.primary_key("GET", self._key_url(url)))
 
     # ---- GET / HEAD ---------------------------------------------------------------------------
@@ -282,7 +299,10 @@ class Proxy:
                     validate=(_stored_for(candidates, entry), conditional),
                 )
             case policy.Miss():
-                await self._fill(at, upstream_request, sink, exchange, validate=None)
+                if request.method == "GET" and _single_range(request):
+                    await self._range_from_fill(at, upstream_request, sink, exchange)
+                else:
+                    await self._fill(at, upstream_request, sink, exchange, validate=None)
             case policy.GatewayTimeout(reason=reason):
                 exchange.outcome = "MISS"
                 await send_error(sink, 504, reason, self.clock)
@@ -330,10 +350,23 @@ class Proxy:
                     fill.fail()
                 self._fills.end(fill)
 
-    async def _follow(self, at: _Lookup, fill: Fill, sink: H11Sink, exchange: Exchange) -> bool:
-        """Serve ``at`` from another request's fill; False means "fetch on your own"."""
+    async def _follow(
+        self,
+        at: _Lookup,
+        fill: Fill,
+        sink: H11Sink,
+        exchange: Exchange,
+        *,
+        coalesced: bool = True,
+    ) -> bool:
+        """Serve ``at`` from a fill in progress; False means "fetch on your own".
+
+        A single byte range is answered 206 as soon as its bytes are written (RFC 9110 §14),
+        without waiting for the rest of the fill.
+        """
         fill.waiters += 1
-        self.observer.coalesced(at.route.settings.prefix)
+        if coalesced:
+            self.observer.coalesced(at.route.settings.prefix)
         try:
             with trio.move_on_after(at.route.settings.coalesce_timeout) as waited:
                 await fill.wait_head()
@@ -342,8 +375,7 @@ class Proxy:
             state = fill.state
             if state.finished and state.entry is not None and not state.failed:
                 # Already committed: the store has it now.
-                candidates = await self.store.lookup(at.key)
-                for stored in candidates:
+                for stored in await self.store.lookup(at.key):
                     if stored.entry.variant == state.entry.variant and keys.matches(
                         stored.entry.vary, at.request.headers, at.path_class.forced_vary
                     ):
@@ -351,8 +383,9 @@ class Proxy:
                         await self._serve(at, stored, 0.0, "HIT", sink, exchange)
                         return True
                 return False
+            head = state.head
             if (
-                state.head is None
+                head is None
                 or not state.storable
                 or state.entry is None
                 or not keys.matches(state.entry.vary, at.request.headers, at.path_class.forced_vary)
@@ -362,25 +395,88 @@ class Proxy:
             if file is None:
                 return False
             exchange.outcome = "MISS"
-            exchange.detail = "coalesced"
+            exchange.detail = "coalesced" if coalesced else ""
             try:
-                head = state.head
-                await sink.start(
-                    ResponseHead(status=head.status, reason=head.reason, headers=head.headers)
-                )
-                try:
-                    async for chunk in fill.follow(file):
-                        await sink.send(chunk)
-                except FillFailed:
-                    await sink.abort()
-                    return True
-                await sink.end()
+                await self._send_followed(at, fill, file, head, sink)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(file.close)
             return True
         finally:
             fill.waiters -= 1
+
+    async def _send_followed(
+        self, at: _Lookup, fill: Fill, file: BinaryIO, head: ResponseHead, sink: H11Sink
+    ) -> None:
+        """Stream a followed fill to ``sink``: whole, or the one byte range asked for."""
+        span: ranges.ByteRange | None = None
+        size_text = head.headers.get("content-length")
+        if at.request.headers.get("range") and size_text and size_text.isdigit():
+            size = int(size_text)
+            plan = ranges.evaluate(
+                at.request.method,
+                at.request.headers,
+                size=size,
+                status=head.status,
+                stored_headers=head.headers,
+            )
+            match plan:
+                case ranges.Partial(ranges=(only,)):
+                    span = only
+                    head = ResponseHead(
+                        status=206, headers=ranges.partial_headers(head.headers, only, size)
+                    )
+                case ranges.Unsatisfiable():
+                    await sink.start(
+                        ResponseHead(
+                            status=416,
+                            headers=head.headers.remove("content-length", "content-type").update(
+                                ranges.unsatisfiable_headers(head.headers, size)
+                            ),
+                        )
+                    )
+                    await sink.end()
+                    return
+                case ranges.Full() | ranges.Partial():
+                    pass  # several ranges of an object still filling: send it whole
+        await sink.start(ResponseHead(status=head.status, reason=head.reason, headers=head.headers))
+        body = fill.follow(file)
+        try:
+            if span is None:
+                async for chunk in body:
+                    await sink.send(chunk)
+            else:
+                async with aclosing(slice_chunks(body, span.first, span.last)) as piece:
+                    async for chunk in piece:
+                        await sink.send(chunk)
+        except FillFailed:
+            await sink.abort()
+            return
+        await sink.end()
+
+    async def _range_from_fill(
+        self, at: _Lookup, upstream_request: Request, sink: H11Sink, exchange: Exchange
+    ) -> None:
+        """A Range request on a miss: fill the whole object in the background and answer the
+        range from the fill as soon as those bytes arrive."""
+        fill = self._fills.get(at.key)
+        coalesced = fill is not None
+        if fill is None:
+            fill = self._fills.start(at.key)
+            self._nursery.start_soon(self._background_fill, at, upstream_request, fill)
+        if not await self._follow(at, fill, sink, exchange, coalesced=coalesced):
+            await self._fill(at, upstream_request, sink, exchange, validate=None)
+
+    async def _background_fill(self, at: _Lookup, upstream_request: Request, fill: Fill) -> None:
+        exchange = Exchange()
+        try:
+            await self._fetch_and_store(at, upstream_request, None, exchange, fill, None)
+        except ProxyChainError as exc:
+            log.info("background fill of %s failed: %s", at.url, exc.reason)
+        finally:
+            if not (fill.state.finished or fill.state.failed):
+                fill.fail()
+            self._fills.end(fill)
 
     async def _fetch_and_store(
         self,
@@ -412,39 +508,34 @@ class Proxy:
                         at, validate[0], head, request_time, response_time, sink, exchange
                     )
                     return
-                if head.status >= 500 and (
-                    stale := self._stale_for_error(at, validate, head.status)
-                ):
-                    await self._serve_stale_on_error(at, stale, sink, exchange)
-                    return
                 await self._stream_response(
                     at, result.response, head, request_time, response_time, sink, exchange, fill
                 )
         except (AllUpstreamsFailed, UpstreamError) as exc:
-            if sink is not None and sink.started:
+            if (sink is not None and sink.started) or validate is None:
                 raise
-            stale = self._stale_for_error(at, validate, exc.status_hint)
-            if stale is None:
-                raise
-            await self._serve_stale_on_error(at, stale, sink, exchange)
-
-    def _stale_for_error(
-        self, at: _Lookup, validate: tuple[Stored, Headers] | None, status: int
-    ) -> tuple[Stored, float] | None:
-        if validate is None:
-            return None
-        stored = validate[0]
-        decision = policy.on_upstream_error(
-            stored.entry,
-            at.request,
-            self.clock.wall(),
-            at.route.policy,
-            at.route.override(at.path_class),
-            status,
-        )
-        if isinstance(decision, policy.ServeStale):
-            return stored, decision.age
-        return None
+            # RFC 5861 §4 / RFC 9111 §4.2.4: the policy decides between a stale copy and an
+            # error (504 where the stored response forbids stale use).
+            stored = validate[0]
+            decision = policy.on_upstream_error(
+                stored.entry,
+                at.request,
+                self.clock.wall(),
+                at.route.policy,
+                at.route.override(at.path_class),
+                exc.status_hint,
+            )
+            match decision:
+                case policy.ServeStale(age=age):
+                    await self._serve_stale_on_error(at, (stored, age), sink, exchange)
+                case policy.Fail(status=status, reason=reason):
+                    if status == exc.status_hint:
+                        raise
+                    raise UpstreamError(
+                        f"{exc.reason}; {reason}", upstream=exchange.upstream, status_hint=status
+                    ) from exc
+                case _:
+                    assert_never(decision)
 
     async def _serve_stale_on_error(
         self, at: _Lookup, stale: tuple[Stored, float], sink: H11Sink | None, exchange: Exchange
@@ -486,7 +577,7 @@ class Proxy:
     async def _stream_response(
         self,
         at: _Lookup,
-        response: object,
+        response: UpstreamResponse,
         head: ResponseHead,
         request_time: float,
         response_time: float,
@@ -494,14 +585,11 @@ class Proxy:
         exchange: Exchange,
         fill: Fill | None,
     ) -> None:
-        from .upstream import UpstreamResponse
-
-        assert isinstance(response, UpstreamResponse)
+        """Tee the upstream body to the client and into the store; commit only when whole."""
         route = at.route
         override = route.override(at.path_class)
-        storable = policy.storable(at.request, head, route.policy, override)
         names = keys.vary_names(head, at.path_class.forced_vary)
-        storable = storable and names is not None
+        storable = names is not None and policy.storable(at.request, head, route.policy, override)
         headers = policy.stored_headers(head, response_time=response_time)
         vary = keys.vary_values(at.request.headers, names or ())
         entry = Entry(
@@ -516,10 +604,17 @@ class Proxy:
             response_time=response_time,
         )
         writer = await self.store.open_writer(at.key, entry.variant) if storable else None
-        client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), "MISS")
+        outcome = "MISS" if storable else "BYPASS"
+        client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), outcome)
         if fill is not None:
             fill.publish_head(client_head, entry, writer.tmp_path if writer else None, storable)
-        exchange.outcome = "MISS" if storable else "BYPASS"
+        exchange.outcome = outcome
+        if sink is None and writer is None:
+            if fill is not None:
+                fill.finish(None)  # nobody to send it to and nowhere to keep it
+            return
+        expected = response.content_length
+        committed: Entry | None = None
         client_ok = sink is not None
         try:
             if sink is not None:
@@ -533,27 +628,31 @@ class Proxy:
                     client_ok = await _try(sink.send(chunk))
                 if not client_ok and sink is not None and not self._keep_filling(route, fill):
                     raise ClientGone("client left; fill abandoned")
+            if client_ok and sink is not None:
+                # The client has it all; the commit (fsync, rename) need not delay it. A
+                # request arriving meanwhile joins the fill, which stays open until then.
+                await _try(sink.end())
             if writer is not None:
-                committed = await writer.commit(entry, expected_size=response.content_length)
-                if fill is not None:
-                    fill.finish(committed)
-                await self._after_store(at, committed)
+                committed = await self._commit(writer, entry, expected, fill)
             elif fill is not None:
                 fill.finish(None)
-            if client_ok and sink is not None:
-                await sink.end()
         except BaseException:
             if fill is not None:
                 fill.fail()
-            if writer is not None:
+            if writer is not None and committed is None:
                 with trio.CancelScope(shield=True):
                     await writer.abort()
             if sink is not None and sink.started and not sink.ended:
                 await sink.abort()
             raise
 
-    async def _after_store(self, at: _Lookup, entry: Entry) -> None:
-        """Hook for work after an entry is committed."""
+    async def _commit(
+        self, writer: StoreWriter, entry: Entry, expected: int | None, fill: Fill | None
+    ) -> Entry:
+        committed = await writer.commit(entry, expected_size=expected)
+        if fill is not None:
+            fill.finish(committed)
+        return committed
 
     def _keep_filling(self, route: Route, fill: Fill | None) -> bool:
         if fill is not None and fill.waiters > 0:
@@ -643,6 +742,12 @@ class Proxy:
         return route.settings.prefix + path_class.key_path.lstrip("/") + relative[len(path) :]
 
 
+def _single_range(request: Request) -> bool:
+    """A ``Range`` asking for one range (several ranges of a miss are answered whole)."""
+    spec = request.headers.get("range") or ""
+    return spec.startswith("bytes=") and "," not in spec
+
+
 class _Refetch(Exception):
     """A 304 matched nothing stored: repeat the request without conditionals."""
 
@@ -701,8 +806,9 @@ async def open_proxy(
     ) as disk:
         memory = MemoryTier(max_bytes=cache.memory_max, object_max=cache.memory_object_max)
         store = Store(memory, disk)
-        metrics = Metrics(tier_source=partial(tier_figures, store, cache),
-                          multiprocess=multiprocess_enabled())
+        metrics = Metrics(
+            tier_source=partial(tier_figures, store, cache), multiprocess=multiprocess_enabled()
+        )
         observer = Observer(metrics, clock)
         async with trio.open_nursery() as nursery:
             proxy = Proxy(settings, store, nursery, clock, routes, observer)

@@ -18,10 +18,12 @@ Theory of operation:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -41,6 +43,9 @@ READ_SIZE = 64 * 1024  # bytes per receive_some; request heads are small, bodies
 # How much of an unread request body we read and discard to keep a connection alive.
 MAX_DRAIN_BYTES = 1024 * 1024
 SERVER_NAME = "proxychain"
+# A head and a body chunk up to this size go out in one write (loopback: one syscall ~ 10 us).
+COALESCE_MAX_BYTES = 64 * 1024
+WORKER_FIELD = b"x-proxychain-worker"  # names the answering process under --workers N
 
 
 class ClientGone(Exception):
@@ -68,11 +73,21 @@ class Exchange:
 
 
 class H11Sink:
-    """Writes one response on an h11 connection; the proxy's only way to talk to a client."""
+    """Writes one response on an h11 connection; the proxy's only way to talk to a client.
+
+    The head of a small plain response (HTTP/1.1 request without a body or ``Connection``
+    field, answered with at most ``COALESCE_MAX_BYTES`` framed by ``Content-Length``) waits
+    for the body: one system call instead of two. Such heads are written without h11, which
+    would only copy the fields and check what :func:`_direct_head` checks; h11 restarts on
+    the bytes after the request. Any other head goes out at once, through h11.
+    """
 
     def __init__(self, conn: _Connection, request: Request) -> None:
         self._conn = conn
         self._head_only = request.method == "HEAD"
+        self._plain_request = "connection" not in request.headers
+        self._pending = b""  # serialised head not yet written
+        self._direct_left: int | None = None  # body bytes still owed when writing directly
         self.status = 0
         self.bytes_sent = 0
         self.started = False
@@ -80,54 +95,121 @@ class H11Sink:
         self.aborted = False
 
     async def start(self, head: ResponseHead) -> None:
-        """Send the status line and header fields."""
-        headers = head.headers
-        if self._conn.draining:
-            headers = headers.set("connection", "close")
+        """Send the status line and header fields (held for a small body)."""
+        conn = self._conn
+        fields = head.headers.raw()
+        if conn.draining:
+            fields = [(n, v) for n, v in fields if n != b"connection"]
+            fields.append((b"connection", b"close"))
+        if conn.worker_field is not None:
+            fields.append(conn.worker_field)
+        reason = head.reason.encode("latin-1") or _reason_phrase(head.status)
         self.started = True
         self.status = head.status
-        event = h11.Response(
-            status_code=head.status,
-            headers=headers.raw(),
-            reason=head.reason.encode("latin-1"),
-        )
-        await self._conn.send(event)
+        direct = None
+        if self._plain_request and not conn.draining and conn.plain_exchange():
+            direct = _direct_head(head.status, reason, fields)
+        if direct is not None:
+            self._pending, length = direct
+            self._direct_left = 0 if self._head_only else length
+            if self._direct_left <= COALESCE_MAX_BYTES:
+                return
+        else:
+            event = h11.Response(status_code=head.status, headers=fields, reason=reason)
+            self._pending = conn.h11.send(event) or b""
+        # A long or streamed body: the client sees the status now, not after the first read.
+        pending, self._pending = self._pending, b""
+        await conn.write(pending)
 
     async def send(self, chunk: bytes) -> None:
         """Send a piece of the body (dropped for HEAD)."""
         if self._head_only or not chunk:
             return
-        await self._conn.send(h11.Data(data=chunk))
+        if self._direct_left is None:
+            data = self._conn.h11.send(h11.Data(data=chunk)) or b""
+        elif len(chunk) > self._direct_left:
+            raise h11.LocalProtocolError("Too much data for declared Content-Length")
+        else:
+            self._direct_left -= len(chunk)
+            data = chunk
+        if self._pending:
+            pending, self._pending = self._pending, b""
+            if len(data) <= COALESCE_MAX_BYTES:
+                data = pending + data
+            else:  # copying a big chunk costs more than one more system call
+                await self._conn.write(pending)
+        await self._conn.write(data)
         self.bytes_sent += len(chunk)
 
     async def end(self) -> None:
         """Finish the response; the connection may serve another request."""
-        await self._conn.send(h11.EndOfMessage())
+        if self._direct_left is None:
+            data = self._conn.h11.send(h11.EndOfMessage()) or b""
+        elif self._direct_left:
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
+        else:
+            data = b""
+        pending, self._pending = self._pending, b""
+        await self._conn.write(pending + data)
+        if self._direct_left is not None:
+            self._conn.restart_h11()
         self.ended = True
 
     async def abort(self) -> None:
         """Cut the response short: the client sees a truncated transfer, never a complete one."""
         self.aborted = True
+        self._pending = b""
         await self._conn.close()
 
 
 class _Connection:
     """One client connection: h11 state plus the stream, with protocol errors mapped."""
 
-    def __init__(self, stream: trio.abc.Stream, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        settings: ServerSettings,
+        worker_field: tuple[bytes, bytes] | None = None,
+    ) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_header_bytes)
+        self.max_header_bytes = settings.max_header_bytes
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        self.worker_field = worker_field
         self.draining = False
         self.closed = False
+        self.restarted = False  # a response went out without h11: the next cycle is fresh
+
+    def plain_exchange(self) -> bool:
+        """Whether h11 has the whole HTTP/1.1 request and nothing of the response yet."""
+        h = self.h11
+        return (
+            h.their_http_version == b"1.1"
+            and h.their_state is h11.DONE
+            and h.our_state is h11.SEND_RESPONSE
+        )
+
+    def restart_h11(self) -> None:
+        """Start a fresh h11 state on whatever the client sent after the request."""
+        data, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
+        if data:
+            self.h11.receive_data(data)
+        if closed:
+            self.h11.receive_data(b"")
+        self.restarted = True
 
     async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.closed = True
-                raise ClientGone(str(exc)) from None
+        await self.write(self.h11.send(event) or b"")
+
+    async def write(self, data: bytes) -> None:
+        """Write bytes h11 produced; a vanished client becomes :class:`ClientGone`."""
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.closed = True
+            raise ClientGone(str(exc)) from None
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
@@ -151,10 +233,17 @@ class _Connection:
 class Server:
     """Tracks live connections so shutdown can stop idle ones and drain busy ones."""
 
-    def __init__(self, proxy: _Handler, settings: ServerSettings, clock: Clock) -> None:
+    def __init__(
+        self,
+        proxy: _Handler,
+        settings: ServerSettings,
+        clock: Clock,
+        worker_id: str | None = None,
+    ) -> None:
         self.proxy = proxy
         self.settings = settings
         self.clock = clock
+        self.worker_field = None if worker_id is None else (WORKER_FIELD, worker_id.encode("ascii"))
         self.draining = False
         self._idle_scopes: set[trio.CancelScope] = set()
         self._connections: set[_Connection] = set()
@@ -169,7 +258,7 @@ class Server:
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve requests on one connection until it closes."""
-        conn = _Connection(stream, self.settings)
+        conn = _Connection(stream, self.settings, self.worker_field)
         conn.draining = self.draining
         self._connections.add(conn)
         client = ClientInfo(address=_peer_address(stream))
@@ -226,7 +315,11 @@ class Server:
         )
         sink = H11Sink(conn, request)
         exchange = Exchange()
-        body = _request_body(conn) if _has_body(event) else None
+        body = None
+        if _has_body(event):
+            body = _request_body(conn)
+        else:
+            conn.h11.next_event()  # the empty body's EndOfMessage: h11 has it without reading
         try:
             await self.proxy.handle(request, body, sink, client, exchange)
         except ClientGone:
@@ -254,6 +347,9 @@ class Server:
         """Prepare for the next request; False when the connection must close."""
         if conn.closed or self.draining:
             return False
+        if conn.restarted:
+            conn.restarted = False
+            return True
         h = conn.h11
         if h.our_state is not h11.DONE:
             return False
@@ -407,6 +503,45 @@ async def _request_body(conn: _Connection) -> AsyncIterator[bytes]:
             raise ClientGone("request body cut short")
 
 
+def _direct_head(
+    status: int, reason: bytes, fields: list[tuple[bytes, bytes]]
+) -> tuple[bytes, int] | None:
+    """The serialised head and body length, or ``None`` when h11 must frame the response.
+
+    Only ``Content-Length`` framing without ``Connection``/``Transfer-Encoding`` qualifies, and
+    no field may carry CR, LF or NUL (no injected fields; h11 reports those as errors).
+    """
+    if status < 200 or status in (204, 304):
+        return None
+    length = None
+    for name, value in fields:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name in (b"connection", b"transfer-encoding"):
+            return None
+    if length is None:
+        return None
+    head = b"".join(
+        [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        + [b"%s: %s\r\n" % field for field in fields]
+        + [b"\r\n"]
+    )
+    lines = len(fields) + 2
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+        return None
+    return head, length
+
+
+@functools.cache
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
 def _peer_address(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     if sock is None:
@@ -448,6 +583,7 @@ async def serve(
     shutdown: trio.Event,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     listeners: list[trio.SocketListener] | None = None,
+    worker_id: str | None = None,
 ) -> None:
     """Run the data plane until ``shutdown`` is set, then drain.
 
@@ -458,11 +594,12 @@ async def serve(
         shutdown: set it to stop accepting and start the graceful drain.
         task_status: receives the bound port once listening.
         listeners: already-bound listeners (multi-process workers share one socket).
+        worker_id: when set, every response names it in ``x-proxychain-worker``.
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     port = listeners[0].socket.getsockname()[1]
-    server = Server(proxy, settings, clock)
+    server = Server(proxy, settings, clock, worker_id)
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
             for listener in listeners:

@@ -534,7 +534,7 @@ def parse_settings(data: Mapping[str, Any], *, source: str = "<config>") -> Sett
         raise lg.error("format", f'expected "text" or "json", got {fmt!r}')
     log = LogSettings(
         level=level,
-        format=cast(Literal["text", "json"], fmt),
+        format=cast("Literal['text', 'json']", fmt),
         access_log=bool(lg.boolean("access_log", True)),
     )
     lg.finish()

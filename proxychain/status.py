@@ -25,7 +25,8 @@ def tier_figures(store: Store, cache: CacheSettings) -> dict[str, TierFigures]:
     stats = store.statistics()
     return {
         "memory": TierFigures(
-            bytes=stats.memory.bytes, entries=stats.memory.entries,
+            bytes=stats.memory.bytes,
+            entries=stats.memory.entries,
             evictions=stats.memory.evictions,
         ),
         "disk": TierFigures(
@@ -64,7 +65,8 @@ def build_stats(proxy: Proxy) -> dict[str, object]:
                 {
                     "name": url,
                     "route": prefix,
-                    "state": s.state.name.lower(),  # closed, half_open, open: the page and metrics spelling
+                    # closed, half_open, open: the spelling of the page and the metrics.
+                    "state": s.state.name.lower(),
                     "failures": s.consecutive_failures,
                     "requests": s.requests,
                     "next_probe_at": (
@@ -82,10 +84,18 @@ def build_stats(proxy: Proxy) -> dict[str, object]:
         "routes": routes,
         "upstreams": upstreams,
         "tiers": [
-            {"name": "memory", "bytes": store.memory.bytes, "entries": store.memory.entries,
-             "budget": cache.memory_max},
-            {"name": "disk", "bytes": store.disk.bytes, "entries": store.disk.entries,
-             "budget": cache.disk_max},
+            {
+                "name": "memory",
+                "bytes": store.memory.bytes,
+                "entries": store.memory.entries,
+                "budget": cache.memory_max,
+            },
+            {
+                "name": "disk",
+                "bytes": store.disk.bytes,
+                "entries": store.disk.entries,
+                "budget": cache.disk_max,
+            },
         ],
         "recent_errors": list(observer.recent_errors),
         "hit_ratio_history": [list(point) for point in observer.history],

@@ -18,6 +18,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -109,7 +110,9 @@ class _Supervisor:
                 log.info("received %s: stopping workers", signal.Signals(info.si_signo).name)
                 break
             if not self._reap_and_restart():
-                log.error("workers keep dying (%d restarts in %.0f s)", MAX_RESTARTS, RESTART_WINDOW_S)
+                log.error(
+                    "workers keep dying (%d restarts in %.0f s)", MAX_RESTARTS, RESTART_WINDOW_S
+                )
                 status = EXIT_GAVE_UP
                 break
         self._stop_all()
@@ -178,10 +181,8 @@ class _Supervisor:
 
     def _signal_all(self, signum: signal.Signals) -> None:
         for pid in self.workers:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
 
 def _describe(status: int) -> str:
@@ -240,7 +241,9 @@ async def _worker(settings: Settings, sock: socket.socket, index: int, parent: i
 
 async def _watch_parent(parent: int, shutdown: trio.Event) -> None:
     """Drain when the supervisor is gone (killed outright): nobody else would stop us."""
-    while os.getppid() == parent:
+    while True:
         await trio.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            break
     log.warning("supervisor (pid %d) is gone: shutting down", parent)
     shutdown.set()

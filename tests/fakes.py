@@ -162,7 +162,7 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Even
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
+            conn.receive_data(bytes(await stream.receive_some(65536)))
             continue
         assert not isinstance(event, type)
         return event

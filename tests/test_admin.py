@@ -515,7 +515,6 @@ class PageCells(HTMLParser):
             self.errors[-1] += data
 
 
-
 @pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 async def test_status_page_in_headless_chromium() -> None:

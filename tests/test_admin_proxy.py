@@ -11,20 +11,22 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxychain.__main__ import main as cli_main
-from proxychain.admin import ADMIN_TOKEN_ENV, start_admin
+from proxychain.admin import ADMIN_TOKEN_ENV, DEFAULT_ADMIN_LISTEN, start_admin
 from proxychain.clock import Clock
+from proxychain.errors import ErrorKind
 from proxychain.logs import configure_logging
-from proxychain.settings import LogSettings
+from proxychain.metrics import Metrics, TierFigures
+from proxychain.observe import Observer
 from tests.conftest import ProxyFactory, RunningProxy
 from tests.fakes import FakeOrigin, Reply, ok, serve_origin
 from tests.test_admin import ARTIFACTS, CHROMIUM, PageCells, chromium
@@ -102,7 +104,9 @@ def scrape(text: str, *names: str) -> Samples:
     return out
 
 
-def sample(name: str, value: float, **labels: str) -> tuple[tuple[str, frozenset[tuple[str, str]]], float]:
+def sample(
+    name: str, value: float, **labels: str
+) -> tuple[tuple[str, frozenset[tuple[str, str]]], float]:
     return (name, frozenset(labels.items())), value
 
 
@@ -125,7 +129,7 @@ async def test_metrics_after_miss_hit_stale_and_breaker_opening(
         ):
             outcomes = [(await data.get("/files/a.txt")).headers["x-cache"] for _ in range(2)]
             clock.skip(PAST_TTL_SECONDS)
-            origin.set("/a.txt", Reply(status=500, body=b"down\n"))
+            origin.set("/a.txt", Reply(status=503, body=b"down\n"))
             # Revalidation fails twice (the breaker opens on the second failure), then the
             # open breaker keeps the third attempt away from the upstream: stale every time.
             for _ in range(3):
@@ -134,9 +138,9 @@ async def test_metrics_after_miss_hit_stale_and_breaker_opening(
                 outcomes.append(stale.headers["x-cache"])
             scraped = await adm.get("/metrics")
     assert outcomes == ["MISS", "HIT", "STALE", "STALE", "STALE"]
-    print(scraped.text); assert origin.count("/a.txt") == 3
+    assert origin.count("/a.txt") == 3
     assert scraped.status_code == 200
-    assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert scraped.headers["content-type"] == CONTENT_TYPE_LATEST
     text = scraped.text
     route = {"route": "/files/"}
     get_2xx = {**route, "method": "GET", "status": "2xx"}
@@ -161,7 +165,9 @@ async def test_metrics_after_miss_hit_stale_and_breaker_opening(
     )
     assert scrape(text, "proxychain_upstream_errors") == {}
     upstream_count = scrape(text, "proxychain_upstream_duration_seconds")
-    assert upstream_count[sample("proxychain_upstream_duration_seconds_count", 0, upstream=up)[0]] == 3
+    assert (
+        upstream_count[sample("proxychain_upstream_duration_seconds_count", 0, upstream=up)[0]] == 3
+    )
     assert scrape(text, "proxychain_breaker_state") == dict(
         [sample("proxychain_breaker_state", 2, upstream=up)]
     )
@@ -259,10 +265,13 @@ async def test_purge_is_disabled_without_a_configured_token(
             refused = await adm.post(
                 "/admin/purge",
                 json={"prefix": "/files/"},
-                headers={"authorization": "Bearer "},
+                headers={"authorization": f"Bearer {TOKEN}"},
             )
             still = (await data.get("/files/a.txt")).headers["x-cache"]
-    assert refused.status_code == 403
+    assert (refused.status_code, refused.json()) == (
+        403,
+        {"error": "admin token not configured; mutating endpoints disabled"},
+    )
     assert still == "HIT"
 
 
@@ -298,18 +307,23 @@ async def test_purge_command_line(
             outputs.append(capsys.readouterr())
             codes.append(await cli("/files/*"))
             outputs.append(capsys.readouterr())
+            untouched = (await data.get("/other/c.txt")).headers["x-cache"]
+            codes.append(await cli("--prefix", "/other/"))
+            outputs.append(capsys.readouterr())
             outcomes = {
                 path: (await data.get(path)).headers["x-cache"]
                 for path in ("/files/a.txt", "/files/b.txt", "/other/c.txt")
             }
-    assert codes == [2, 1, 0, 0]
+    assert codes == [2, 1, 0, 0, 0]
+    assert untouched == "HIT"
     assert [(o.out, o.err) for o in outputs] == [
         ("", f"proxychain: purge needs --token or {ADMIN_TOKEN_ENV}\n"),
         ("", f"proxychain: purge failed: {admin}/admin/purge: 401 missing or wrong bearer token\n"),
-        ("purged 1 entry\n", ""),
+        ("purged 1 entry\n", ""),  # /files/a.txt by absolute URL
+        ("purged 1 entry\n", ""),  # /files/* finds only b.txt left
         ("purged 1 entry\n", ""),
     ]
-    assert outcomes == {"/files/a.txt": "MISS", "/files/b.txt": "MISS", "/other/c.txt": "HIT"}
+    assert outcomes == {"/files/a.txt": "MISS", "/files/b.txt": "MISS", "/other/c.txt": "MISS"}
 
 
 # -- 3. /healthz and /readyz -------------------------------------------------------------------
@@ -334,7 +348,10 @@ async def test_readyz_follows_the_breakers(proxy_factory: ProxyFactory) -> None:
             ):
                 health = await adm.get("/healthz")
                 ready_before = await adm.get("/readyz")
-                statuses = [(await data.get(f"{prefix}x")).status_code for prefix in ("/raw/", "/raw/", "/files/", "/files/")]
+                statuses = [
+                    (await data.get(f"{prefix}x")).status_code
+                    for prefix in ("/raw/", "/raw/", "/files/", "/files/")
+                ]
                 ready_open = await adm.get("/readyz")
                 clock.skip(PAST_OPEN_CAP_SECONDS)
                 ready_probe_due = await adm.get("/readyz")
@@ -419,9 +436,12 @@ async def test_access_log_line_per_request(
     origin.set("/a.txt", ok(BODY, ("cache-control", "max-age=600")))
     with trio.fail_after(TEST_TIMEOUT_SECONDS):
         async with serve_origin(origin) as up:
-            async with proxy_factory([files_route(up)], log={"format": log_format}) as p:
+            async with proxy_factory(
+                [files_route(up)], log={"format": log_format}, admin=ADMIN
+            ) as p:
                 configure_logging(p.settings.log)
-                async with client(p.url) as data:
+                # The admin plane's own messages must come out in the same format.
+                async with admin_for(p), client(p.url) as data:
                     await data.get("/files/a.txt")
                     await data.get("/files/a.txt")
                     await data.get("/nowhere")
@@ -433,6 +453,11 @@ async def test_access_log_line_per_request(
     ]
     if log_format == "json":
         records = [json.loads(line) for line in lines]
+        admin_lines = [r["message"] for r in records if r["logger"] == "proxychain.admin"]
+        assert len(admin_lines) == 1
+        assert re.fullmatch(
+            r"Running on http://127\.0\.0\.1:\d+ \(CTRL \+ C to quit\)", admin_lines[0]
+        )
         access = [r for r in records if r["logger"] == "proxychain.access"]
         got: list[Any] = [
             (r["path"], r["status"], r["bytes"], r["cache"], r["tier"], r["upstream"])
@@ -450,3 +475,84 @@ async def test_access_log_line_per_request(
             if m is not None
         ]
     assert got == expected
+
+
+# -- breaker gauges from the start ----------------------------------------------------------
+
+
+async def test_breaker_gauge_of_a_healthy_upstream(proxy_factory: ProxyFactory) -> None:
+    origin = FakeOrigin()
+    with trio.fail_after(TEST_TIMEOUT_SECONDS):
+        async with (
+            serve_origin(origin) as up,
+            proxy_factory([files_route(up)], admin=ADMIN) as p,
+            admin_for(p) as admin,
+            client(admin) as adm,
+        ):
+            text = (await adm.get("/metrics")).text
+    assert scrape(text, "proxychain_breaker_state") == dict(
+        [sample("proxychain_breaker_state", 0, upstream=up)]
+    )
+
+
+def test_upstreams_known_starts_breaker_gauges_closed() -> None:
+    observer = Observer(Metrics(), Clock())
+    observer.upstreams_known(["http://a", "http://b"])
+    text = observer.metrics.render()[0].decode()
+    assert scrape(text, "proxychain_breaker_state") == dict(
+        [
+            sample("proxychain_breaker_state", 0, upstream="http://a"),
+            sample("proxychain_breaker_state", 0, upstream="http://b"),
+        ]
+    )
+
+
+# -- config/: the scrape example and the dashboard --------------------------------------------
+
+CONFIG = Path(__file__).resolve().parent.parent / "config"
+DASHBOARD_PANELS = {
+    "Hit ratio per route",
+    "Requests by cache outcome",
+    "Upstream latency (p50, p95)",
+    "Breaker state",
+    "Cache tier usage (bytes)",
+    "Stale served",
+    "Coalesced waiters",
+}
+PROMQL_METRIC = re.compile(r"\b(proxychain_[a-z_]+)\b")
+
+
+def exposed_sample_names() -> set[str]:
+    """Every sample name a proxy exposes once each kind of event has happened."""
+    metrics = Metrics(
+        tier_source=lambda: {
+            "memory": TierFigures(bytes=1, entries=1, evictions=0),
+            "disk": TierFigures(bytes=1, entries=1, evictions=0),
+        }
+    )
+    metrics.request_done("/r/", "GET", 200, "HIT", "memory", 10, 0.01)
+    metrics.upstream_done("u", ErrorKind.CONNECT, 0.1)
+    metrics.breaker_transition("u", "closed", "open")
+    metrics.coalesced_waiter("/r/")
+    metrics.revalidation("/r/", "not_modified")
+    metrics.stale_served("/r/", "if_error")
+    metrics.integrity_failure("/r/")
+    text = metrics.render()[0].decode()
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_grafana_dashboard_queries_exposed_metrics() -> None:
+    dashboard = json.loads((CONFIG / "grafana-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert {panel["title"] for panel in panels} >= DASHBOARD_PANELS
+    exprs = [target["expr"] for panel in panels for target in panel["targets"]]
+    assert all(target["refId"] for panel in panels for target in panel["targets"])
+    used = {name for expr in exprs for name in PROMQL_METRIC.findall(expr)}
+    assert used - exposed_sample_names() == set()
+    assert len({panel["id"] for panel in panels}) == len(panels)
+
+
+def test_prometheus_scrape_example_points_at_the_admin_plane() -> None:
+    text = (CONFIG / "prometheus.yml").read_text()
+    assert "metrics_path: /metrics" in text
+    assert f'- "{DEFAULT_ADMIN_LISTEN}"' in text

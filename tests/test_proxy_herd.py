@@ -1,0 +1,289 @@
+"""Request coalescing through the running proxy (issue 3, item 9): a herd makes one fetch.
+
+Clients talk to ``Server.handle_connection`` over a zero-copy pipe (a memory channel of the very
+``bytes`` objects the server writes, with back-pressure), so a thousand clients of a 10 MiB
+body cost no socket and no extra copy; the origin dribbles the body over virtual time so the
+herd really overlaps the fill.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from proxychain.http import Request
+from tests.fakes import Reply
+from tests.test_proxy_caching import AUTOJUMP_THRESHOLD, Got, Harness, open_harness
+
+KIB = 1024
+MIB = 1024 * KIB
+HERD = 1000  # concurrent clients
+BODY_SIZE = 10 * MIB
+CHUNK = 256 * KIB  # the origin sends the body in pieces of this size...
+CHUNK_DELAY = 0.05  # ...one every this many (virtual) seconds
+FILL_TIME = BODY_SIZE // CHUNK * CHUNK_DELAY  # seconds until the origin sent the last byte
+REQUEST = b"GET /blob HTTP/1.1\r\nhost: proxy.test\r\n\r\n"
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_THRESHOLD)
+
+
+class _PipeEnd(trio.abc.Stream):
+    """One end of a duplex pipe that hands over each written ``bytes`` object as is."""
+
+    def __init__(
+        self, outgoing: trio.MemorySendChannel[bytes], incoming: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        self._out = outgoing
+        self._in = incoming
+        self._pending = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._out.send(bytes(data) if not isinstance(data, bytes) else data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise trio.BrokenResourceError("the other end closed") from None
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if not self._pending:
+            try:
+                self._pending = await self._in.receive()
+            except (trio.EndOfChannel, trio.BrokenResourceError):
+                return b""
+        if max_bytes is None or len(self._pending) <= max_bytes:
+            out, self._pending = self._pending, b""
+        else:
+            out, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return out
+
+    async def aclose(self) -> None:
+        self._out.close()
+        self._in.close()
+        await trio.lowlevel.checkpoint()
+
+
+def pipe() -> tuple[_PipeEnd, _PipeEnd]:
+    """A connected (client, server) pair; each write blocks until the peer takes it."""
+    to_server_send, to_server_receive = trio.open_memory_channel[bytes](0)
+    to_client_send, to_client_receive = trio.open_memory_channel[bytes](0)
+    return (
+        _PipeEnd(to_server_send, to_client_receive),
+        _PipeEnd(to_client_send, to_server_receive),
+    )
+
+
+@dataclass
+class Digests:
+    """sha256 of many bodies made of shared chunk objects: each distinct prefix hashed once.
+
+    A body is a state number; feeding a chunk object already fed after the same prefix reuses
+    that hash, so a herd served the same ``bytes`` objects costs one sha256 of the body.
+    """
+
+    _memo: dict[tuple[int, int], tuple[int, bytes]] = field(default_factory=dict)
+    _states: list[hashlib._Hash] = field(default_factory=lambda: [hashlib.sha256()])
+
+    def start(self) -> int:
+        return 0
+
+    def feed(self, state: int, chunk: bytes) -> int:
+        key = (state, id(chunk))
+        hit = self._memo.get(key)
+        if hit is not None and hit[1] is chunk:
+            return hit[0]
+        hasher = self._states[state].copy()
+        hasher.update(chunk)
+        self._states.append(hasher)
+        self._memo[key] = (len(self._states) - 1, chunk)  # chunk kept alive: its id stays unique
+        return len(self._states) - 1
+
+    def hexdigest(self, state: int) -> str:
+        return self._states[state].hexdigest()
+
+
+@dataclass
+class Seen:
+    """One herd client's view."""
+
+    status: int = 0
+    x_cache: str = ""
+    size: int = 0
+    digest: str = ""
+    first_byte_at: float | None = None
+    complete: bool = False
+
+
+async def herd_client(
+    h: Harness, digests: Digests, seen: Seen, *, leave_after: int | None = None
+) -> None:
+    """GET /blob and read the body (Content-Length framed) without copying it."""
+    client, server_end = pipe()
+    h.nursery.start_soon(h.server.handle_connection, server_end)
+    await client.send_all(REQUEST)
+    head = await client.receive_some()
+    lines = head.split(b"\r\n")
+    seen.status = int(lines[0].split()[1])
+    fields = {
+        name.lower(): value
+        for name, _, value in (line.decode().partition(": ") for line in lines[1:] if line)
+    }
+    seen.x_cache = fields.get("x-cache", "")
+    length = int(fields["content-length"])
+    state = digests.start()
+    while seen.size < length and (leave_after is None or seen.size < leave_after):
+        chunk = await client.receive_some()
+        if not chunk:
+            break
+        if seen.first_byte_at is None:
+            seen.first_byte_at = trio.current_time()
+        seen.size += len(chunk)
+        state = digests.feed(state, chunk)
+    seen.complete = seen.size == length
+    seen.digest = digests.hexdigest(state)
+    await client.aclose()
+
+
+def dribbled(body: bytes) -> Reply:
+    """``body`` in :data:`CHUNK` pieces, one every :data:`CHUNK_DELAY` seconds."""
+    pieces = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+    return Reply(
+        headers=[("cache-control", "max-age=600"), ("etag", '"blob"')],
+        body=pieces,
+        chunk_delay=CHUNK_DELAY,
+    )
+
+
+async def test_herd_of_1000_makes_one_upstream_request(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = bytes(range(256)) * (BODY_SIZE // 256)
+    expected = hashlib.sha256(body).hexdigest()
+    digests = Digests()
+    seen = [Seen() for _ in range(HERD)]
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/blob", dribbled(body))
+        t0 = trio.current_time()
+        async with trio.open_nursery() as clients:
+            for s in seen:
+                clients.start_soon(herd_client, h, digests, s)
+        await h.settle()
+    assert h.origin.count("/blob") == 1
+    assert {(s.status, s.x_cache, s.size, s.complete, s.digest) for s in seen} == {
+        (200, "MISS", BODY_SIZE, True, expected)
+    }
+    first_bytes = [s.first_byte_at - t0 for s in seen if s.first_byte_at is not None]
+    assert len(first_bytes) == HERD
+    assert max(first_bytes) < FILL_TIME  # every waiter streamed while the fill was running
+
+
+async def test_leader_leaving_does_not_stop_the_fill_for_waiters(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = bytes(range(256)) * (2 * MIB // 256)
+    expected = hashlib.sha256(body).hexdigest()
+    digests = Digests()
+    leader, waiters = Seen(), [Seen() for _ in range(20)]
+    # Without waiters this route would abandon a fill whose client left.
+    routes = [
+        {"prefix": "/", "upstreams": "http://origin.test", "finish_fill_on_disconnect": False}
+    ]
+    async with open_harness(tmp_path, monkeypatch, routes) as h:
+        h.origin.set("/blob", dribbled(body))
+        async with trio.open_nursery() as clients:
+            clients.start_soon(functools.partial(herd_client, leave_after=0), h, digests, leader)
+            await h.settle()  # the leader's fill is registered
+            for s in waiters:
+                clients.start_soon(herd_client, h, digests, s)
+        await h.settle()
+        after = await h.get("/blob")
+    assert (leader.status, leader.size) == (200, 0)
+    assert {(s.status, s.size, s.complete, s.digest) for s in waiters} == {
+        (200, len(body), True, expected)
+    }
+    assert (after.cache, hashlib.sha256(after.body).hexdigest()) == ("HIT", expected)
+    assert h.origin.count("/blob") == 1
+
+
+async def test_unstorable_response_makes_each_waiter_fetch(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set(
+            "/private", Reply(headers=[("cache-control", "no-store")], body=b"mine", delay=1.0)
+        )
+        got: list[Got] = []
+
+        async def one() -> None:
+            got.append(await h.get("/private"))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(10):
+                clients.start_soon(one)
+    assert [(g.status, g.body, g.complete) for g in got] == [(200, b"mine", True)] * 10
+    assert h.origin.count("/private") == 10
+
+
+async def test_failed_fill_never_gives_a_waiter_a_5xx(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def flaky(request: Request) -> Reply:
+        calls.append(1)
+        if len(calls) == 1:
+            return Reply(status=503, body=b"busy", delay=1.0)
+        return Reply(headers=[("cache-control", "max-age=60")], body=b"ok", delay=1.0)
+
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/f", flaky)
+        statuses: list[int] = []
+
+        async def one() -> None:
+            got = await h.get("/f")
+            statuses.append(got.status)
+            assert got.body == (b"ok" if got.status == 200 else got.body)
+
+        async with trio.open_nursery() as clients:
+            clients.start_soon(one)
+            await h.settle()  # the first request leads
+            for _ in range(9):
+                clients.start_soon(one)
+    # Only the leader sees its own upstream's failure; every waiter fetched on its own.
+    assert sorted(statuses) == [200] * 9 + [502]
+
+
+async def test_waiter_leaving_mid_body_leaves_the_others_whole(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = bytes(range(256)) * (4 * MIB // 256)
+    expected = hashlib.sha256(body).hexdigest()
+    digests = Digests()
+    leader, quitter, others = Seen(), Seen(), [Seen() for _ in range(5)]
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/blob", dribbled(body))
+        async with trio.open_nursery() as clients:
+            clients.start_soon(herd_client, h, digests, leader)
+            await h.settle()
+            clients.start_soon(functools.partial(herd_client, leave_after=1), h, digests, quitter)
+            for s in others:
+                clients.start_soon(herd_client, h, digests, s)
+        await h.settle()
+        gc.collect()  # an abandoned async generator would warn here (an error in this suite)
+    assert (quitter.status, quitter.complete) == (200, False)
+    assert 0 < quitter.size < len(body)
+    assert {(s.size, s.complete, s.digest) for s in (leader, *others)} == {
+        (len(body), True, expected)
+    }
+    assert h.origin.count("/blob") == 1

@@ -1,0 +1,210 @@
+"""The h11 server loop's writes: one system call per small response, framing, worker field."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import h11
+import pytest
+import trio
+from trio.testing import MemoryReceiveStream, MemorySendStream
+
+from proxychain.clock import Clock
+from proxychain.http import Headers, Request, ResponseHead
+from proxychain.server import (
+    COALESCE_MAX_BYTES,
+    ClientInfo,
+    Exchange,
+    H11Sink,
+    Server,
+    _direct_head,
+)
+from proxychain.settings import ServerSettings
+
+GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+HEAD = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
+WALL_ANCHOR = 1_700_000_000.0
+
+
+class _Answer:
+    """A handler that answers every request with one status and body, in given chunks."""
+
+    def __init__(self, status: int, chunks: list[bytes], reason: str = "") -> None:
+        self.status = status
+        self.chunks = chunks
+        self.reason = reason
+        self.server: Server | None = None  # set: start draining while the request is served
+
+    async def handle(
+        self,
+        request: Request,
+        body: AsyncIterator[bytes] | None,
+        sink: H11Sink,
+        client: ClientInfo,
+        exchange: Exchange,
+    ) -> None:
+        if self.server is not None:
+            self.server.start_draining()
+        length = sum(map(len, self.chunks))
+        headers = Headers([("content-length", str(length))])
+        await sink.start(ResponseHead(status=self.status, headers=headers, reason=self.reason))
+        for chunk in self.chunks:
+            await sink.send(chunk)
+        await sink.end()
+
+
+async def _writes(
+    request: bytes,
+    handler: _Answer,
+    *,
+    worker_id: str | None = None,
+    drain: bool = False,
+    writes: list[bytes] | None = None,
+) -> list[bytes]:
+    """Serve ``request`` on an in-memory connection; each ``send_all`` the server made."""
+    writes = [] if writes is None else writes
+    send = MemorySendStream()
+
+    async def record() -> None:
+        writes.append(bytes(send.get_data_nowait()))
+
+    send.send_all_hook = record
+    receive = MemoryReceiveStream()
+    receive.put_data(request)
+    receive.put_eof()
+    server = Server(handler, ServerSettings(), Clock(WALL_ANCHOR), worker_id)
+    if drain:
+        handler.server = server
+    await server.handle_connection(trio.StapledStream(send, receive))
+    return writes
+
+
+async def test_small_response_is_one_write() -> None:
+    body = b"x" * 1024
+    writes = await _writes(GET, _Answer(200, [body]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n" + body]
+
+
+async def test_head_of_a_big_body_goes_first() -> None:
+    body = b"y" * (COALESCE_MAX_BYTES + 1)
+    writes = await _writes(GET, _Answer(200, [body]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 65537\r\n\r\n", body]
+
+
+async def test_head_of_a_streamed_body_is_not_held_for_its_first_chunk() -> None:
+    writes: list[bytes] = []
+
+    class _Streamer(_Answer):
+        async def handle(self, *args: object) -> None:
+            sink = args[2]
+            assert isinstance(sink, H11Sink)
+            size = COALESCE_MAX_BYTES + 1
+            await sink.start(
+                ResponseHead(status=200, headers=Headers([("content-length", str(size))]))
+            )
+            self.seen = list(writes)  # what the client had before the (slow) first chunk
+            await sink.send(b"s" * size)
+            await sink.end()
+
+    handler = _Streamer(200, [])
+    await _writes(GET, handler, writes=writes)
+    assert handler.seen == [b"HTTP/1.1 200 OK\r\ncontent-length: 65537\r\n\r\n"]
+
+
+async def test_head_joins_only_the_first_chunk() -> None:
+    writes = await _writes(GET, _Answer(200, [b"ab", b"cd"]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab", b"cd"]
+
+
+async def test_head_request_writes_the_head_at_end() -> None:
+    writes = await _writes(HEAD, _Answer(200, [b"body"]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "line"),
+    [
+        (404, "", b"HTTP/1.1 404 Not Found\r\n"),
+        (200, "Fine", b"HTTP/1.1 200 Fine\r\n"),
+        (299, "", b"HTTP/1.1 299 \r\n"),  # no registered phrase: empty, as RFC 9112 allows
+    ],
+)
+async def test_reason_phrase(status: int, reason: str, line: bytes) -> None:
+    writes = await _writes(GET, _Answer(status, [b"z"], reason=reason))
+    assert writes == [line + b"content-length: 1\r\n\r\nz"]
+
+
+async def test_worker_field_names_the_process() -> None:
+    writes = await _writes(GET, _Answer(200, [b"z"]), worker_id="4242")
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nx-proxychain-worker: 4242\r\n\r\nz"]
+
+
+async def test_shutdown_during_a_request_closes_after_its_response() -> None:
+    writes = await _writes(GET, _Answer(200, [b"z"]), drain=True)
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n", b"z"]
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    writes = await _writes(GET + GET.replace(b"/x", b"/y"), _Answer(200, [b"z"]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"] * 2
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.0\r\n\r\n",
+    ],
+)
+async def test_h11_frames_requests_that_end_the_connection(request_head: bytes) -> None:
+    # A second request after the first must go unanswered: the connection closes.
+    writes = await _writes(request_head + GET, _Answer(200, [b"z"]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nConnection: close\r\n\r\n", b"z"]
+
+
+@pytest.mark.parametrize("chunks", [[b"ab", b"cde"], [b"ab"]], ids=["too much", "too little"])
+async def test_body_not_matching_content_length_cuts_the_connection(
+    chunks: list[bytes],
+) -> None:
+    class _Liar(_Answer):
+        async def handle(self, *args: object) -> None:
+            sink = args[2]
+            assert isinstance(sink, H11Sink)
+            await sink.start(ResponseHead(status=200, headers=Headers([("content-length", "3")])))
+            for chunk in self.chunks:
+                await sink.send(chunk)
+            await sink.end()
+
+    writes = await _writes(GET + GET, _Liar(200, chunks))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nab"]
+
+
+@pytest.mark.parametrize(
+    ("status", "fields", "expected"),
+    [
+        (200, [(b"content-length", b"2")], (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", 2)),
+        (200, [], None),  # no length: h11 chooses the framing
+        (200, [(b"content-length", b"2"), (b"content-length", b"2")], None),
+        (200, [(b"content-length", b"-1")], None),
+        (200, [(b"content-length", b"2"), (b"transfer-encoding", b"chunked")], None),
+        (200, [(b"content-length", b"2"), (b"connection", b"close")], None),
+        (200, [(b"content-length", b"2"), (b"x-evil", b"a\r\nset-cookie: b")], None),
+        (200, [(b"content-length", b"2"), (b"x-evil", b"a\nb")], None),
+        (200, [(b"content-length", b"2"), (b"x-evil", b"a\0b")], None),
+        (304, [(b"content-length", b"2")], None),
+        (204, [(b"content-length", b"0")], None),
+    ],
+)
+def test_direct_head(
+    status: int, fields: list[tuple[bytes, bytes]], expected: tuple[bytes, int] | None
+) -> None:
+    assert _direct_head(status, b"OK", fields) == expected
+
+
+async def test_plain_exchange_is_written_without_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: object) -> None:
+        raise AssertionError("h11 framed a plain response")
+
+    monkeypatch.setattr(h11, "Response", refuse)
+    writes = await _writes(GET + GET, _Answer(200, [b"z"]))
+    assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"] * 2
