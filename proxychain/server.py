@@ -177,6 +177,7 @@ class _Connection:
         self.worker_field = worker_field
         self.draining = False
         self.closed = False
+        self._stream_closed = False
         self.restarted = False  # a response went out without h11: the next cycle is fresh
 
     def plain_exchange(self) -> bool:
@@ -224,8 +225,11 @@ class _Connection:
             return event
 
     async def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        # ``closed`` also marks a connection found broken mid-write; its socket still needs
+        # closing, so track that separately.
+        self.closed = True
+        if not self._stream_closed:
+            self._stream_closed = True
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
 

@@ -763,11 +763,6 @@ async def test_range_on_miss_answers_206_early_and_fills_the_whole_object(
     assert h.origin.count("/big") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py labels every upstream answer X-Cache: MISS, even one it does not store "
-    "(its access log says BYPASS)",
-)
 async def test_unstored_response_is_labelled_bypass(
     clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -208,3 +208,31 @@ async def test_plain_exchange_is_written_without_h11(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(h11, "Response", refuse)
     writes = await _writes(GET + GET, _Answer(200, [b"z"]))
     assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"] * 2
+
+
+class _Endless:
+    """Starts a streamed response and sends until the client goes away."""
+
+    async def handle(
+        self,
+        request: Request,
+        body: AsyncIterator[bytes] | None,
+        sink: H11Sink,
+        client: ClientInfo,
+        exchange: Exchange,
+    ) -> None:
+        await sink.start(ResponseHead(status=200, headers=Headers([("x", "y")])))
+        while True:
+            await sink.send(b"z" * 65536)
+
+
+async def test_client_gone_mid_response_closes_the_server_socket() -> None:
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(_Endless(), ServerSettings(), Clock(wall_anchor=1_700_000_000))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side)
+        await client.send_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+        assert (await client.receive_some(65536)).startswith(b"HTTP/1.1 200 OK\r\n")
+        await client.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await server_side.send_all(b"after")
