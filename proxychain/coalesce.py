@@ -81,6 +81,8 @@ class Fill:
     _pieces_size: int = 0
     _reading: dict[int, trio.Event] = field(default_factory=dict)  # offset -> read under way
     _notified_at: float = -math.inf
+    _shared: BinaryIO | None = None  # the temp file, opened once for every waiter
+    _opening: trio.Event | None = None  # set when an open of ``_shared`` under way ends
 
     # ---- leader side --------------------------------------------------------------------------
 
@@ -112,6 +114,8 @@ class Fill:
     def finish(self, entry: Entry | None) -> None:
         if entry is not None:
             self.state.entry = entry
+            # The committed body is whole, including bytes the writer held back for a batch.
+            self.state.written = max(self.state.written, entry.body_size)
         self.state.finished = True
         self._head_known.set()
         self._notify()
@@ -133,14 +137,37 @@ class Fill:
         await self._head_known.wait()
 
     async def open_follower(self) -> BinaryIO | None:
-        """Open the fill's temp file for reading, or ``None`` if it is gone (committed/aborted)."""
+        """Open the fill's temp file for reading, or ``None`` if it is gone (committed/aborted).
+
+        The file is opened once per fill, in a worker thread; each waiter gets its own
+        duplicate descriptor of it (``dup`` does no file-system I/O, so it runs here), which
+        makes a herd's first bytes one thread call instead of one per waiter. Reads use
+        ``pread``, so the shared file offset does not matter.
+        """
         path = self.state.tmp_path
         if path is None or self.state.finished or self.state.failed:
             return None
-        try:
-            return await trio.to_thread.run_sync(open, path, "rb")
-        except FileNotFoundError:
+        while self._opening is not None:
+            await self._opening.wait()
+        if self._shared is None:
+            opening = self._opening = trio.Event()
+            try:
+                self._shared = await trio.to_thread.run_sync(open, path, "rb")
+            except FileNotFoundError:
+                return None
+            finally:
+                self._opening = None
+                opening.set()
+        if self._shared is None or self.state.finished or self.state.failed:
+            self.close_shared()
             return None
+        return os.fdopen(os.dup(self._shared.fileno()), "rb")
+
+    def close_shared(self) -> None:
+        """Close the descriptor waiters' files were duplicated from (they keep their own)."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
 
     def follow(self, file: BinaryIO) -> AsyncIterator[bytes]:
         """The body as the leader writes it; raises :class:`FillFailed` if it breaks.
@@ -223,6 +250,7 @@ class FillRegistry:
     def end(self, fill: Fill) -> None:
         if self._fills.get(fill.key) is fill:
             del self._fills[fill.key]
+        fill.close_shared()
 
     def __len__(self) -> int:
         return len(self._fills)

@@ -86,6 +86,8 @@ META_VERSION = 1
 # Concurrent file operations; fsync-heavy commits should not starve reads of trio's default 40.
 DEFAULT_DISK_THREADS = 16
 DEFAULT_CHUNK_BYTES = 1 << 20  # bytes per read system call: what counts for big bodies
+WRITE_BATCH_BYTES = 1 << 20  # a fill's chunks gathered per worker-thread call
+WRITE_BATCH_INTERVAL = 0.010  # seconds; a chunk this long after the last write goes at once
 DEFAULT_RESCAN_INTERVAL = 300.0  # seconds between index rescans (other processes' changes)
 # A commit renames the body, then the metadata, microseconds apart; an unreferenced body older
 # than this (filesystem seconds) is an orphan left by a crash or a lost race.
@@ -831,8 +833,8 @@ class DiskTier:
 class DiskWriter:
     """A body being written to a temp file; ``commit`` publishes it, ``abort`` discards it.
 
-    ``tmp_path`` holds every byte ``write`` accepted (no user-space buffering), so readers
-    may follow it while it grows. Use as ``async with`` to abort on any exit before commit.
+    ``tmp_path`` holds the first ``bytes_written`` bytes ``write`` accepted (the rest wait
+    for a batch, see :meth:`write`), so readers may follow it while it grows. Use as ``async with`` to abort on any exit before commit.
     """
 
     def __init__(
@@ -846,6 +848,9 @@ class DiskWriter:
         self._tier = tier
         self._file: BinaryIO | None = file
         self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []  # accepted, not yet in the file
+        self._pending_bytes = 0
+        self._flushed_at = -math.inf
 
     def __repr__(self) -> str:
         state = "open" if self._file is not None else "closed"
@@ -862,13 +867,21 @@ class DiskWriter:
     ) -> None:
         await self.abort()
 
-    def _write(self, file: BinaryIO, chunk: bytes) -> None:
-        _write_all(file, chunk)
-        self._hash.update(chunk)
-        self.bytes_written += len(chunk)
+    def _write(self, file: BinaryIO, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            _write_all(file, chunk)
+            self._hash.update(chunk)
+            self.bytes_written += len(chunk)
 
     async def write(self, chunk: bytes) -> None:
         """Append ``chunk`` to the temp file.
+
+        Chunks arriving in a burst are gathered up to ``WRITE_BATCH_BYTES`` per worker-thread
+        call (a thread hop costs more than writing a small chunk). The first chunk, and any
+        chunk arriving ``WRITE_BATCH_INTERVAL`` or more after the last write, go at once, so
+        waiters following ``tmp_path`` see a slow body as it arrives; after a burst they may
+        trail by up to a batch until the next chunk or the commit. ``bytes_written`` counts
+        what is in the file.
 
         Raises:
             trio.ClosedResourceError: after commit or abort.
@@ -878,8 +891,27 @@ class DiskWriter:
             raise trio.ClosedResourceError("writer is committed or aborted")
         if not chunk:
             return
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if (
+            self.bytes_written == 0
+            or self._pending_bytes >= WRITE_BATCH_BYTES
+            or trio.current_time() - self._flushed_at >= WRITE_BATCH_INTERVAL
+        ):
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the gathered chunks to the temp file.
+
+        Raises:
+            CacheCorrupt: the write failed (disk full, I/O error); the writer is aborted.
+        """
+        if self._file is None or not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        self._flushed_at = trio.current_time()
         try:
-            await self._tier._run(self._write, self._file, chunk)
+            await self._tier._run(self._write, self._file, pending)
         except OSError as exc:
             await self.abort()
             raise CacheCorrupt(f"writing the cache body failed: {exc}") from exc
@@ -902,6 +934,9 @@ class DiskWriter:
             raise trio.ClosedResourceError("writer is committed or aborted")
         if (entry.key, entry.variant) != (self.key, self.variant):
             raise ValueError("entry does not belong to this writer")
+        await self.flush()
+        if self._file is None:
+            raise CacheCorrupt("writing the cache body failed")
         if expected_size is not None and expected_size != self.bytes_written:
             await self.abort()
             raise CacheCorrupt(
@@ -939,6 +974,7 @@ class DiskWriter:
     async def abort(self) -> None:
         """Discard the temp file. Idempotent; bounded and shielded so it runs when cancelled."""
         file, self._file = self._file, None
+        self._pending, self._pending_bytes = [], 0
         if file is None:
             return
         self._tier._writers.discard(self)

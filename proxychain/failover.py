@@ -24,7 +24,11 @@ reports its outcome, a status code or an :class:`~proxychain.errors.ErrorKind`, 
 ever retried once response bytes may have reached the client. Rules, in order:
 
 1. A hop whose breaker refuses (:meth:`Breaker.allow`) is skipped if ``|`` follows it, and
-   ends the walk with 502 "circuit open" if ``,`` follows it or nothing does.
+   ends the walk with 502 "circuit open" if ``,`` follows it or nothing does. A hop in the
+   walk's ``exclude`` set (the shell excludes an upstream whose body failed an integrity
+   check, and walks again) is treated the same way, without asking its breaker: ``|`` still
+   lets the walk move on, ``,`` still keeps the request from leaving for the next upstream.
+   The breaker is not charged for it: a bad body says nothing about availability.
 2. 404/410 moves to the next hop after either separator; on the final hop it is USEd (the
    client gets the 404), unless the chain ends in ``off``, which then refuses.
 3. A connect error or reset (nothing reached the upstream's application, or at least nothing
@@ -272,6 +276,7 @@ class ChainWalk:
         now: when the walk starts (the shell's monotonic clock).
         deadline: absolute time after which no attempt starts (request-level deadline).
         idempotent: whether the method may be retried (rule 3 applies only then).
+        exclude: upstream URLs not to contact (rule 1).
     """
 
     def __init__(
@@ -284,6 +289,7 @@ class ChainWalk:
         *,
         deadline: float = math.inf,
         idempotent: bool = True,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         self.chain = chain
         self.started_at = now
@@ -293,6 +299,7 @@ class ChainWalk:
         self._retry = retry
         self._rng = rng
         self._idempotent = idempotent
+        self._exclude = exclude
         self._p = _Progress()
         if isinstance(chain, Refuse):
             self._p.result = Exhausted(status_hint=chain.status_hint, reason=chain.reason)
@@ -317,7 +324,9 @@ class ChainWalk:
         while p.hop < len(hops):
             hop = hops[p.hop]
             breaker = self._breakers.get(hop.url)
-            if breaker is None or breaker.allow(now):
+            excluded = hop.url in self._exclude
+            # An excluded hop never asks its breaker: allow() may hand out a half-open probe.
+            if not excluded and (breaker is None or breaker.allow(now)):
                 p.attempts += 1
                 p.pending = Attempt(
                     upstream_url=hop.url,
@@ -327,7 +336,11 @@ class ChainWalk:
                     retry=p.retry,
                 )
                 return p.pending
-            reason = f"upstream {hop.url} unavailable (circuit open)"
+            reason = (
+                f"upstream {hop.url} excluded (failed an integrity check)"
+                if excluded
+                else f"upstream {hop.url} unavailable (circuit open)"
+            )
             p.history.append(reason)
             if not (hop.fallthrough == "any" and self._has_next(p.hop)):
                 return self._finish(502, reason)

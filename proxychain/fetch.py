@@ -6,12 +6,17 @@ for the next attempt, performs it, and reports the outcome back, until an upstre
 is used (yielded to the caller, connection held until the caller is done) or the walk is
 exhausted (:class:`~proxychain.errors.AllUpstreamsFailed` raised from an ``ExceptionGroup`` of
 the individual failures, as trio's ``open_tcp_stream`` does).
+
+A PyPI route's ``file_hosts`` (where index pages link their files) get a pool each too: a
+rewritten file link ``/files/<host>/...`` is fetched from that host alone, as a chain of one
+hop without a breaker (its failures are not the route's upstreams' failures).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ __all__ = [
     "Route",
     "build_routes",
     "fetch_through_chain",
+    "file_host_base",
     "log_state_change",
     "probe_due_change",
 ]
@@ -97,18 +103,26 @@ class Route:
             connect=t.connect, first_byte=t.first_byte, between_bytes=t.between_bytes
         )
         ssl_context = create_ssl_context(ca_file=settings.ca_file or None)
-        self.pools: dict[str, UpstreamPool] = {}
-        self.breakers: dict[str, Breaker] = {}
-        hops = self.chain.hops if isinstance(self.chain, failover.Chain) else ()
-        for hop in hops:
-            origin = Origin.parse(hop.url)
-            self.pools[hop.url] = UpstreamPool(
+
+        def pool(url: str) -> UpstreamPool:
+            origin = Origin.parse(url)
+            return UpstreamPool(
                 origin,
                 timeouts=timeouts,
                 connect=connect,
                 ssl_context=ssl_context if origin.scheme == "https" else None,
             )
+
+        self.pools: dict[str, UpstreamPool] = {}
+        self.breakers: dict[str, Breaker] = {}
+        hops = self.chain.hops if isinstance(self.chain, failover.Chain) else ()
+        for hop in hops:
+            self.pools[hop.url] = pool(hop.url)
             self.breakers[hop.url] = Breaker(breaker_config, rng)
+        # Keyed like pypi.map_file_path's answer: "scheme://netloc", lower case.
+        self.file_pools: dict[str, UpstreamPool] = {
+            base: pool(base) for base in map(file_host_base, settings.file_hosts)
+        }
         immutable_default = settings.kind in _IMMUTABLE_KINDS
         self.policy = policy.RoutePolicy(
             negative_ttl=settings.negative_ttl,
@@ -158,8 +172,14 @@ class Route:
         return path if lookup is None else "/" + lookup[0]
 
     async def aclose(self) -> None:
-        for pool in self.pools.values():
+        for pool in (*self.pools.values(), *self.file_pools.values()):
             await pool.aclose()
+
+
+def file_host_base(configured: str) -> str:
+    """``scheme://netloc`` of a configured file host (bare hosts mean https), lower case."""
+    parts = urllib.parse.urlsplit(configured if "://" in configured else f"https://{configured}")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
 
 
 def build_routes(
@@ -210,34 +230,48 @@ async def fetch_through_chain(
     clock: Clock,
     *,
     body: AsyncIterable[bytes] | None = None,
+    exclude: frozenset[str] = frozenset(),
+    file_host: str | None = None,
 ) -> AsyncIterator[FetchResult]:
     """Send ``request`` along ``route``'s chain; yield the first usable response.
+
+    Args:
+        route, request, clock: what to send, where, and the time source.
+        body: the request body, streamed (a request with a body is never retried).
+        exclude: chain upstreams not to contact (``failover.ChainWalk``).
+        file_host: a key of ``route.file_pools``: send to that file host instead of the chain.
 
     Raises:
         RequestRefused: the chain is ``off`` or a private path has no allowed upstream (403).
         AllUpstreamsFailed: every attempt failed or was skipped; ``status_hint`` 502 or 504.
     """
-    chain = route.chain_for(request.path)
+    chain: failover.Chain | failover.Refuse
+    if file_host is None:
+        chain, pools, breakers = route.chain_for(request.path), route.pools, route.breakers
+    else:
+        chain = failover.Chain(hops=(failover.Hop(url=file_host),))
+        pools, breakers = route.file_pools, {}
     if isinstance(chain, failover.Refuse):
         raise RequestRefused(chain.reason, status_hint=chain.status_hint)
     now = clock.monotonic()
     tracked = _TrackedBody(body) if body is not None else None
     walk = failover.ChainWalk(
         chain,
-        route.breakers,
+        breakers,
         route.retry,
         route.rng,
         now,
         deadline=now + route.settings.timeouts.deadline,
         idempotent=request.method in IDEMPOTENT_METHODS and body is None,
+        exclude=exclude,
     )
     failures: list[Exception] = []
     while True:
-        before = {url: breaker.state for url, breaker in route.breakers.items()}
+        before = {url: breaker.state for url, breaker in breakers.items()}
         now = clock.monotonic()
         step = walk.next(now)
         for url, was in before.items():
-            log_state_change(route, url, probe_due_change(was, route.breakers[url], now))
+            log_state_change(route, url, probe_due_change(was, breakers[url], now))
         if isinstance(step, failover.Exhausted):
             error = AllUpstreamsFailed(step.reason, status_hint=step.status_hint)
             if step.status_hint == 403:
@@ -247,7 +281,7 @@ async def fetch_through_chain(
             raise error
         if step.delay_before > 0:
             await trio.sleep(step.delay_before)
-        pool = route.pools[step.upstream_url]
+        pool = pools[step.upstream_url]
         started = clock.monotonic()
         cm = pool.request(request, body=tracked)
         try:

@@ -67,6 +67,9 @@ __all__ = [
     "open_digest_book",
     "plan_fill",
     "proxy_base_for",
+    "rewrites",
+    "rewritten_conditionals",
+    "rewritten_not_modified",
     "upstream_target",
 ]
 
@@ -90,6 +93,9 @@ HASH_ALGORITHMS = ("sha1", "sha256", "sha384", "sha512")
 # Response fields that describe the upstream's bytes, not a rewritten body.
 _REPRESENTATION_FIELDS = ("content-encoding", "content-length", "content-md5", "digest", "etag")
 UPSTREAM_ETAG_FIELD = "x-upstream-etag"
+# A rewritten body's strong ETag: this prefix, then 40 hex digits of its sha256.
+REWRITTEN_ETAG_PREFIX = '"pc-'
+
 
 FillAction = Literal["rewrite-pypi", "rewrite-npm", "verify", "learn-sumdb"]
 
@@ -323,6 +329,51 @@ async def plan_fill(
     return None
 
 
+def rewrites(route_kind: str, path_kind: str) -> bool:
+    """Whether 200 answers for this path class are rewritten (decoded, links pointed back).
+
+    The proxy asks such upstreams for ``Accept-Encoding: gzip`` only, whatever the client
+    accepts: :func:`decode_content` undoes gzip and deflate, not brotli or zstd.
+    """
+    return (route_kind, path_kind) in _REWRITE_KINDS
+
+
+def rewritten_conditionals(stored: Headers, conditional: Headers) -> Headers:
+    """The validators to send upstream for a stored entry, which may be a rewritten body.
+
+    A rewritten body's ETag is ours; the upstream only knows its own, kept in
+    ``x-upstream-etag`` (absent when the upstream sent none: then only the date validates).
+    """
+    if not _is_rewritten(stored):
+        return conditional
+    upstream_etag = stored.get(UPSTREAM_ETAG_FIELD)
+    if upstream_etag:
+        return conditional.set("if-none-match", upstream_etag)
+    return conditional.remove("if-none-match")
+
+
+def rewritten_not_modified(stored: Headers, head: ResponseHead) -> ResponseHead:
+    """A 304 for a rewritten entry, in the terms of the stored body (RFC 9111 §4.3.4).
+
+    The upstream's ETag is mapped back to ours (so the 304 selects the entry, and our ETag is
+    kept), and the fields describing the upstream's bytes are dropped.
+    """
+    if head.status != 304 or not _is_rewritten(stored):
+        return head
+    headers = head.headers.remove(*_REPRESENTATION_FIELDS)
+    etag, ours = head.headers.get("etag"), stored.get("etag")
+    if ours and (etag is None or etag == stored.get(UPSTREAM_ETAG_FIELD)):
+        headers = headers.set("etag", ours)
+    elif etag is not None:
+        headers = headers.set("etag", etag)  # another representation: selects nothing
+    return ResponseHead(status=304, reason=head.reason, headers=headers)
+
+
+def _is_rewritten(stored: Headers) -> bool:
+    etag = stored.get("etag") or ""
+    return stored.get(UPSTREAM_ETAG_FIELD) is not None or etag.startswith(REWRITTEN_ETAG_PREFIX)
+
+
 def proxy_base_for(prefix: str, *, host: str | None, scheme: str = "http") -> str:
     """The public base URL of a route as a client reached it (``http://host:port/npm``).
 
@@ -511,7 +562,7 @@ def _rewritten_headers(headers: Headers, body: bytes) -> Headers:
     out = headers.remove(*_REPRESENTATION_FIELDS)
     if upstream_etag:
         out = out.set(UPSTREAM_ETAG_FIELD, upstream_etag)
-    etag = '"pc-' + hashlib.sha256(body).hexdigest()[:40] + '"'
+    etag = REWRITTEN_ETAG_PREFIX + hashlib.sha256(body).hexdigest()[:40] + '"'
     return out.set("content-length", str(len(body))).set("etag", etag)
 
 

@@ -15,7 +15,9 @@ Theory of operation (one request, see also the README's architecture section):
 3. A fill is coalesced per key (``coalesce.py``): the leader fetches through the route's chain
    (``fetch.py``) and tees every chunk to its client and into a temp file; waiters follow the
    file. The temp file becomes the entry only when the whole body arrived with the promised
-   length; anything else aborts both the file and every client transfer.
+   length; anything else aborts both the file and every client transfer. Bodies a package
+   protocol lets us check or must rewrite are buffered instead (``package_fill.py``): served
+   only once verified and committed; a failed check retries the chain without that upstream.
 4. When the chain fails, the policy decides between a stale copy (stale-if-error, or the
    route's ``max_stale``) and an honest 502/504.
 """
@@ -33,7 +35,7 @@ from typing import BinaryIO, assert_never
 
 import trio
 
-from . import freshness, keys, mirror, policy, ranges
+from . import freshness, keys, mirror, package_fill, packages, policy, ranges
 from .breaker import BreakerStatistics
 from .clock import Clock
 from .coalesce import Fill, FillFailed, FillRegistry
@@ -41,16 +43,17 @@ from .delivery import serve_stored, slice_chunks
 from .disk import open_disk_tier
 from .entry import Entry
 from .errors import AllUpstreamsFailed, ProxyChainError, UpstreamError
-from .fetch import Route, build_routes, fetch_through_chain
+from .fetch import FetchResult, Route, build_routes, fetch_through_chain
 from .health import run_health_checks
 from .http import Headers, Request, ResponseHead, strip_hop_by_hop
 from .metrics import Metrics, multiprocess_enabled
 from .observe import Observer
+from .packages import DigestBook, IntegrityError
 from .server import ClientGone, ClientInfo, Exchange, H11Sink, send_error
 from .settings import Settings
 from .status import build_stats, readiness, tier_figures
 from .store import MemoryTier, Store, Stored, StoreWriter
-from .upstream import Connector, UpstreamResponse
+from .upstream import Connector
 
 __all__ = ["Proxy", "open_proxy"]
 
@@ -76,10 +79,12 @@ class _Lookup:
 
     route: Route
     request: Request  # the client's request
-    upstream_target: str  # route-relative origin-form target sent upstream
+    client: ClientInfo
+    upstream_target: str  # origin-form target sent upstream (to the chain or the file host)
     url: str  # the client-visible URL the entry is stored under (route prefix included)
     key: str
     path_class: mirror.PathClass
+    file_host: str | None = None  # a PyPI file host to fetch from instead of the chain
 
 
 class Proxy:
@@ -93,8 +98,10 @@ class Proxy:
         clock: Clock,
         routes: list[Route],
         observer: Observer,
+        digests: DigestBook | None = None,
     ) -> None:
         self.settings = settings
+        self.digests = digests if digests is not None else DigestBook(None)
         self.store = store
         self.clock = clock
         self.routes = sorted(routes, key=lambda r: len(r.settings.prefix), reverse=True)
@@ -198,11 +205,11 @@ class Proxy:
             )
             return
         relative = "/" + request.target[len(route.settings.prefix) :]
-        upstream_request = self._upstream_request(route, request, relative, client)
         try:
             if request.method in ("GET", "HEAD"):
-                await self._cacheable(route, request, upstream_request, sink, exchange)
+                await self._cacheable(route, request, relative, client, sink, exchange)
             else:
+                upstream_request = self._upstream_request(route, request, relative, client)
                 await self._pass_through(route, request, upstream_request, body, sink, exchange)
         except ProxyChainError as exc:
             exchange.outcome = exchange.outcome if exchange.outcome != "-" else "ERROR"
@@ -254,26 +261,28 @@ class Proxy:
         self,
         route: Route,
         request: Request,
-        upstream_request: Request,
+        relative: str,
+        client: ClientInfo,
         sink: H11Sink,
         exchange: Exchange,
     ) -> None:
-        relative = upstream_request.target
         path = relative.split("?", 1)[0]
         path_class = mirror.classify(route.settings.kind, path)
         if isinstance(path_class, ProxyChainError):
             raise path_class
+        path_class = package_fill.keyed_path_class(route.settings.kind, path_class)
         query = relative[len(path) :]
-        upstream_request = Request(
-            method=upstream_request.method,
-            target=path_class.key_path + query,
-            headers=upstream_request.headers,
-            scheme=upstream_request.scheme,
-            authority=upstream_request.authority,
-        )
+        file_host, upstream_path = packages.upstream_target(route.settings, path_class.key_path)
         url = route.settings.prefix + path_class.key_path.lstrip("/") + query
         at = _Lookup(
-            route, request, upstream_request.target, url, keys.primary_key("GET", url), path_class
+            route,
+            request,
+            client,
+            upstream_path + query,
+            url,
+            keys.primary_key("GET", url),
+            path_class,
+            file_host,
         )
         candidates = await self.store.lookup(at.key)
         now = self.clock.wall()
@@ -288,21 +297,17 @@ class Proxy:
                 exchange.outcome = "STALE"
                 self.observer.stale_served(route.settings.prefix, "while_revalidate")
                 if revalidate:
-                    self._start_revalidation(at, upstream_request, entry)
+                    self._start_revalidation(at, entry)
                 await self._serve(at, _stored_for(candidates, entry), age, "STALE", sink, exchange)
             case policy.Revalidate(entry=entry, conditional_headers=conditional):
                 await self._fill(
-                    at,
-                    upstream_request,
-                    sink,
-                    exchange,
-                    validate=(_stored_for(candidates, entry), conditional),
+                    at, sink, exchange, validate=(_stored_for(candidates, entry), conditional)
                 )
             case policy.Miss():
                 if request.method == "GET" and _single_range(request):
-                    await self._range_from_fill(at, upstream_request, sink, exchange)
+                    await self._range_from_fill(at, sink, exchange)
                 else:
-                    await self._fill(at, upstream_request, sink, exchange, validate=None)
+                    await self._fill(at, sink, exchange, validate=None)
             case policy.GatewayTimeout(reason=reason):
                 exchange.outcome = "MISS"
                 await send_error(sink, 504, reason, self.clock)
@@ -328,7 +333,6 @@ class Proxy:
     async def _fill(
         self,
         at: _Lookup,
-        upstream_request: Request,
         sink: H11Sink,
         exchange: Exchange,
         *,
@@ -341,9 +345,9 @@ class Proxy:
         fill = self._fills.start(at.key) if self._fills.get(at.key) is None else None
         try:
             try:
-                await self._fetch_and_store(at, upstream_request, sink, exchange, fill, validate)
+                await self._fetch_and_store(at, sink, exchange, fill, validate)
             except _Refetch:
-                await self._fetch_and_store(at, upstream_request, sink, exchange, fill, None)
+                await self._fetch_and_store(at, sink, exchange, fill, None)
         finally:
             if fill is not None:
                 if not (fill.state.finished or fill.state.failed):
@@ -362,7 +366,8 @@ class Proxy:
         """Serve ``at`` from a fill in progress; False means "fetch on your own".
 
         A single byte range is answered 206 as soon as its bytes are written (RFC 9110 §14),
-        without waiting for the rest of the fill.
+        without waiting for the rest of the fill. A buffered fill (``package_fill.py``)
+        publishes no head until it has committed: its waiters are then served from the store.
         """
         fill.waiters += 1
         if coalesced:
@@ -454,23 +459,21 @@ class Proxy:
             return
         await sink.end()
 
-    async def _range_from_fill(
-        self, at: _Lookup, upstream_request: Request, sink: H11Sink, exchange: Exchange
-    ) -> None:
+    async def _range_from_fill(self, at: _Lookup, sink: H11Sink, exchange: Exchange) -> None:
         """A Range request on a miss: fill the whole object in the background and answer the
         range from the fill as soon as those bytes arrive."""
         fill = self._fills.get(at.key)
         coalesced = fill is not None
         if fill is None:
             fill = self._fills.start(at.key)
-            self._nursery.start_soon(self._background_fill, at, upstream_request, fill)
+            self._nursery.start_soon(self._background_fill, at, fill)
         if not await self._follow(at, fill, sink, exchange, coalesced=coalesced):
-            await self._fill(at, upstream_request, sink, exchange, validate=None)
+            await self._fill(at, sink, exchange, validate=None)
 
-    async def _background_fill(self, at: _Lookup, upstream_request: Request, fill: Fill) -> None:
+    async def _background_fill(self, at: _Lookup, fill: Fill) -> None:
         exchange = Exchange()
         try:
-            await self._fetch_and_store(at, upstream_request, None, exchange, fill, None)
+            await self._fetch_and_store(at, None, exchange, fill, None)
         except ProxyChainError as exc:
             log.info("background fill of %s failed: %s", at.url, exc.reason)
         finally:
@@ -481,36 +484,39 @@ class Proxy:
     async def _fetch_and_store(
         self,
         at: _Lookup,
-        upstream_request: Request,
         sink: H11Sink | None,
         exchange: Exchange,
         fill: Fill | None,
         validate: tuple[Stored, Headers] | None,
     ) -> None:
+        """Fetch ``at`` and store/serve the answer; an upstream whose body fails its integrity
+        check is excluded and the chain walked again (``failover`` rule 1)."""
         route = at.route
-        req = Request(
-            method="GET",
-            target=upstream_request.target,
-            headers=upstream_request.headers.remove(*_CLIENT_CONDITIONALS).update(
-                validate[1] if validate else Headers()
-            ),
-            scheme=upstream_request.scheme,
-            authority=upstream_request.authority,
-        )
-        request_time = self.clock.wall()
+        req = self._fill_request(at, validate)
+        exclude: frozenset[str] = frozenset()
         try:
-            async with fetch_through_chain(route, req, self.clock) as result:
-                response_time = self.clock.wall()
-                exchange.upstream = result.upstream
-                head = result.response.head
-                if validate is not None and head.status == 304:
-                    await self._freshened(
-                        at, validate[0], head, request_time, response_time, sink, exchange
+            while True:
+                request_time = self.clock.wall()
+                async with fetch_through_chain(
+                    route, req, self.clock, exclude=exclude, file_host=at.file_host
+                ) as result:
+                    response_time = self.clock.wall()
+                    exchange.upstream = result.upstream
+                    head = result.response.head
+                    if validate is not None and head.status == 304:
+                        head = packages.rewritten_not_modified(validate[0].entry.headers, head)
+                        await self._freshened(
+                            at, validate[0], head, request_time, response_time, sink, exchange
+                        )
+                        return
+                    refused = await self._stream_response(
+                        at, result, request_time, response_time, sink, exchange, fill
                     )
+                if refused is None:
                     return
-                await self._stream_response(
-                    at, result.response, head, request_time, response_time, sink, exchange, fill
-                )
+                if at.file_host is not None:
+                    raise refused  # a file host has no alternative
+                exclude |= {refused.upstream}
         except (AllUpstreamsFailed, UpstreamError) as exc:
             if (sink is not None and sink.started) or validate is None:
                 raise
@@ -574,19 +580,42 @@ class Proxy:
             case _:
                 assert_never(outcome)
 
+    def _fill_request(self, at: _Lookup, validate: tuple[Stored, Headers] | None) -> Request:
+        """The GET a fill sends upstream: the cache's own validators, never the client's."""
+        base = self._upstream_request(at.route, at.request, at.upstream_target, at.client)
+        headers = base.headers.remove(*_CLIENT_CONDITIONALS)
+        if validate is not None:
+            stored, conditional = validate
+            headers = headers.update(
+                packages.rewritten_conditionals(stored.entry.headers, conditional)
+            )
+        return Request(
+            method="GET",
+            target=at.upstream_target,
+            headers=package_fill.fill_headers(
+                headers, at.route.settings.kind, at.path_class.kind, file_host=at.file_host
+            ),
+            scheme=base.scheme,
+            authority=base.authority,
+        )
+
     async def _stream_response(
         self,
         at: _Lookup,
-        response: UpstreamResponse,
-        head: ResponseHead,
+        result: FetchResult,
         request_time: float,
         response_time: float,
         sink: H11Sink | None,
         exchange: Exchange,
         fill: Fill | None,
-    ) -> None:
-        """Tee the upstream body to the client and into the store; commit only when whole."""
+    ) -> IntegrityError | None:
+        """Tee the upstream body to the client and into the store; commit only when whole.
+
+        A body that must be verified or rewritten first is buffered instead
+        (:meth:`_buffered_fill`); the error it returns means "try another upstream".
+        """
         route = at.route
+        response, head = result.response, result.response.head
         override = route.override(at.path_class)
         names = keys.vary_names(head, at.path_class.forced_vary)
         storable = names is not None and policy.storable(at.request, head, route.policy, override)
@@ -603,6 +632,21 @@ class Proxy:
             request_time=request_time,
             response_time=response_time,
         )
+        if storable:
+            plan = await packages.plan_fill(
+                route.settings,
+                at.path_class,
+                head,
+                upstream=result.upstream,
+                proxy_base=packages.proxy_base_for(
+                    route.settings.prefix,
+                    host=at.request.headers.get("host"),
+                    scheme=at.client.scheme,
+                ),
+                book=self.digests,
+            )
+            if plan is not None:
+                return await self._buffered_fill(at, plan, result, entry, sink, exchange, fill)
         writer = await self.store.open_writer(at.key, entry.variant) if storable else None
         outcome = "MISS" if storable else "BYPASS"
         client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), outcome)
@@ -612,7 +656,7 @@ class Proxy:
         if sink is None and writer is None:
             if fill is not None:
                 fill.finish(None)  # nobody to send it to and nowhere to keep it
-            return
+            return None
         expected = response.content_length
         committed: Entry | None = None
         client_ok = sink is not None
@@ -645,6 +689,46 @@ class Proxy:
             if sink is not None and sink.started and not sink.ended:
                 await sink.abort()
             raise
+        return None
+
+    async def _buffered_fill(
+        self,
+        at: _Lookup,
+        plan: packages.FillPlan,
+        result: FetchResult,
+        entry: Entry,
+        sink: H11Sink | None,
+        exchange: Exchange,
+        fill: Fill | None,
+    ) -> IntegrityError | None:
+        """Fill the whole body into the store without sending it, check/rewrite it, then
+        serve the committed entry.
+
+        Waiters see neither head nor temp file (nothing unchecked to follow): they wait for
+        the fill's end and read the store. After a failed check the fill stays open for the
+        leader's next upstream.
+        """
+        out = await package_fill.fill_buffered(
+            plan, result, entry, store=self.store, book=self.digests
+        )
+        if isinstance(out, IntegrityError):
+            self.observer.integrity_failure(
+                at.route.settings.prefix, f"{out.url} from {out.upstream}: {out}"
+            )
+            return out
+        exchange.outcome = "MISS"
+        if fill is not None:
+            fill.finish(out)
+        if sink is not None:
+            stored = await self._committed(at, out)
+            await self._serve(at, stored, 0.0, "MISS", sink, exchange)
+        return None
+
+    async def _committed(self, at: _Lookup, entry: Entry) -> Stored:
+        for stored in await self.store.lookup(at.key):
+            if stored.entry.variant == entry.variant:
+                return stored
+        raise UpstreamError(f"{at.url} was evicted before it could be served")
 
     async def _commit(
         self, writer: StoreWriter, entry: Entry, expected: int | None, fill: Fill | None
@@ -661,16 +745,14 @@ class Proxy:
 
     # ---- background revalidation (RFC 5861 §3) ------------------------------------------------
 
-    def _start_revalidation(self, at: _Lookup, upstream_request: Request, entry: Entry) -> None:
+    def _start_revalidation(self, at: _Lookup, entry: Entry) -> None:
         token = f"{at.key}/{entry.variant}"
         if token in self._revalidating:
             return
         self._revalidating.add(token)
-        self._nursery.start_soon(self._revalidate, at, upstream_request, entry, token)
+        self._nursery.start_soon(self._revalidate, at, entry, token)
 
-    async def _revalidate(
-        self, at: _Lookup, upstream_request: Request, entry: Entry, token: str
-    ) -> None:
+    async def _revalidate(self, at: _Lookup, entry: Entry, token: str) -> None:
         try:
             async with self._revalidation_limiter:
                 candidates = await self.store.lookup(at.key)
@@ -679,9 +761,7 @@ class Proxy:
                     return
                 conditional = policy.conditional_headers(stored.entry)
                 exchange = Exchange()
-                await self._fetch_and_store(
-                    at, upstream_request, None, exchange, None, (stored, conditional)
-                )
+                await self._fetch_and_store(at, None, exchange, None, (stored, conditional))
                 result = "not_modified" if exchange.outcome == "REVALIDATED" else "replaced"
                 self.observer.revalidation(at.route.settings.prefix, result)
                 log.info("revalidated %s in the background: %s", at.url, exchange.outcome)
@@ -811,7 +891,10 @@ async def open_proxy(
         )
         observer = Observer(metrics, clock)
         async with trio.open_nursery() as nursery:
-            proxy = Proxy(settings, store, nursery, clock, routes, observer)
+            # Only the mirror kinds announce digests; plain HTTP routes need no file.
+            mirrors = any(route.settings.kind != "http" for route in routes)
+            digests = await packages.open_digest_book(cache.dir if mirrors else None)
+            proxy = Proxy(settings, store, nursery, clock, routes, observer, digests)
             for route in proxy.routes:
                 nursery.start_soon(run_health_checks, route, clock, proxy.node_name)
             try:

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+import trio
 from cachetools import Cache, LRUCache
 
 from .disk import DiskStatistics, DiskTier, DiskWriter
@@ -202,6 +203,14 @@ class Stored:
     body: bytes | None = None
 
 
+@dataclass(slots=True)
+class _DiskLookup:
+    """A disk lookup under way, which concurrent lookups of the same key wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    found: list[Stored] | None = None  # None: it failed or was cancelled
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreStatistics:
     """Both tiers' snapshots plus the facade's own counters."""
@@ -220,6 +229,7 @@ class Store:
         self.disk = disk
         self._promotions = 0
         self._promotion_failures = 0
+        self._disk_lookups: dict[str, _DiskLookup] = {}  # lookups under way, by key
 
     def __repr__(self) -> str:
         return f"<Store {self.memory!r} {self.disk!r}>"
@@ -234,6 +244,23 @@ class Store:
         held = self.memory.get(key)
         if held:
             return [Stored(entry=entry, tier="memory", body=body) for entry, body in held]
+        # A herd asking for one key at once shares one disk lookup (one worker-thread call
+        # instead of one per request); a lookup that fails leaves each waiter to its own.
+        pending = self._disk_lookups.get(key)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.found is not None:
+                return list(pending.found)
+            return await self._lookup_disk(key)
+        pending = self._disk_lookups[key] = _DiskLookup()
+        try:
+            pending.found = await self._lookup_disk(key)
+        finally:
+            del self._disk_lookups[key]
+            pending.done.set()
+        return list(pending.found)
+
+    async def _lookup_disk(self, key: str) -> list[Stored]:
         entries = await self.disk.lookup(key)
         if not entries or any(e.body_size > self.memory.object_max for e in entries):
             return [Stored(entry=entry, tier="disk") for entry in entries]

@@ -34,10 +34,6 @@ PACKAGES = {
 APP = {"name": "app", "version": "1.0.0", "dependencies": {"@pc-e2e/right": "1.0.0"}}
 # Per cold `npm install`: two packuments and two tarballs.
 NPM_REQUESTS_COLD = 4
-NEEDS_REWRITE = (
-    "proxy.py does not call packages.plan_fill/finish_fill yet: packument dist.tarball URLs "
-    "still point at the upstream"
-)
 
 
 def write_package(root: Path, name: str) -> Path:
@@ -153,7 +149,6 @@ async def test_npm_install_cold_warm_and_upstream_stopped(npm_world: NpmWorld) -
     assert npm_world.figures() == (NPM_REQUESTS_COLD + 4, 4)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_REWRITE)
 @pytest.mark.parametrize("npm_world", [True], indirect=True, ids=["rewrite"])
 async def test_npm_install_with_tarball_urls_rewritten(npm_world: NpmWorld) -> None:
     """No url_prefix, no preserve_host: only rewriting keeps npm on the proxy."""

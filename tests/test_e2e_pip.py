@@ -27,10 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.loopback]
 PROJECTS = ("six", "iniconfig")
 # Per pip run: one index page and one wheel per project.
 PIP_REQUESTS_PER_RUN = 2 * len(PROJECTS)
-NEEDS_REWRITE = (
-    "proxy.py does not call packages.plan_fill/finish_fill yet: PyPI index links are not "
-    "rewritten under the route prefix and files are not verified"
-)
 
 
 @dataclass
@@ -107,7 +103,6 @@ async def test_pip_install_cold_warm_and_upstream_stopped(
         assert world.figures() == (3 * PIP_REQUESTS_PER_RUN, len(PROJECTS) + PIP_REQUESTS_PER_RUN)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_REWRITE)
 async def test_pip_install_under_a_route_prefix(tmp_path: Path, pypi_upstream: Server) -> None:
     routes = [{"prefix": "/pypi/", "kind": "pypi", "upstreams": pypi_upstream.url, "retries": 0}]
     settings = make_settings(tmp_path / "cache", routes, log={"access_log": False})
@@ -134,7 +129,6 @@ def tampered_index(root: Path, wheel: Path) -> None:
     (root / "packages" / wheel.name).write_bytes(wheel.read_bytes() + b"tampered")
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_REWRITE)
 async def test_tampered_wheel_is_refused_and_the_next_upstream_serves(
     tmp_path: Path, pypi_upstream: Server
 ) -> None:

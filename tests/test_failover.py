@@ -687,3 +687,75 @@ def test_via_names_node(via: str | None, node: str, want: bool) -> None:
 def test_via_needs_a_node_name() -> None:
     with pytest.raises(ValueError, match="node_name"):
         via_names_node("1.1 edge", " ")
+
+
+# ---- excluded upstreams (an integrity failure earlier in the same request) ---------------
+# (chain, excluded letters, script, expected trace, expected end)
+EXCLUDE: list[tuple[str, str, dict[str, list[Outcome] | _Open], list[Step], object]] = [
+    ("A|B", "a", {B: [200]}, [("b", 0, USE)], 200),
+    (
+        "A|B",
+        "b",
+        {A: [503]},
+        [("a", 0, ERR)],
+        (502, "upstream http://b excluded (failed an integrity check)"),
+    ),
+    ("A|B", "ab", {}, [], (502, "upstream http://b excluded (failed an integrity check)")),
+    ("A,B", "a", {}, [], (502, "upstream http://a excluded (failed an integrity check)")),
+    (
+        "A,B",
+        "b",
+        {A: [404]},
+        [("a", 0, NF)],
+        (502, "upstream http://b excluded (failed an integrity check)"),
+    ),
+    ("A", "a", {}, [], (502, "upstream http://a excluded (failed an integrity check)")),
+    ("A|B,C", "a", {B: [404], C: [200]}, [("b", 0, NF), ("c", 0, USE)], 200),
+    ("A|B|C", "ab", {C: [200]}, [("c", 0, USE)], 200),
+    (
+        "A|off",
+        "a",
+        {},
+        [],
+        (403, "upstream http://a excluded (failed an integrity check); the chain ends in off"),
+    ),
+    # an excluded hop with an open breaker reads as excluded
+    ("A|B", "a", {A: OPEN, B: [200]}, [("b", 0, USE)], 200),
+]
+
+
+@pytest.mark.parametrize(("chain", "excluded", "script", "trace", "end"), EXCLUDE)
+def test_exclude(
+    chain: str,
+    excluded: str,
+    script: dict[str, list[Outcome] | _Open],
+    trace: list[Step],
+    end: object,
+) -> None:
+    text = chain.replace("A", A).replace("B", B).replace("C", C)
+    exclude = frozenset(f"http://{letter}" for letter in excluded)
+    got_trace, got_end = drive(text, script, exclude=exclude)
+    assert got_trace == trace
+    if isinstance(end, tuple):
+        assert isinstance(got_end, Exhausted)
+        assert (got_end.status_hint, got_end.reason) == end
+    else:
+        assert got_end == end
+
+
+def test_excluded_hop_does_not_take_the_half_open_probe() -> None:
+    breaker = opened_breaker()
+    assert breaker.allow(1000.0)  # due: moves to HALF_OPEN, one probe allowed
+    breaker = opened_breaker()
+    walk = ChainWalk(
+        parse_chain(f"{A}|{B}"),
+        {A: breaker},
+        FIXED_RETRY,
+        random.Random(0),
+        1000.0,
+        exclude=frozenset({A}),
+    )
+    step = walk.next(1000.0)
+    assert isinstance(step, Attempt)
+    assert step.upstream_url == B
+    assert breaker.state is BreakerState.OPEN

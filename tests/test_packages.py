@@ -506,3 +506,92 @@ def test_verify_command_exit_status(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n[log]\naccess_log = false\n')
     assert cli_main(["verify", "--config", str(config)]) == 0
+
+
+# ---- revalidating rewritten entries ----------------------------------------------------------
+
+OURS = '"pc-' + "0" * 40 + '"'
+
+
+@pytest.mark.parametrize(
+    ("stored", "conditional", "expected"),
+    [
+        # a plain entry: the cache's own validators
+        ([("etag", '"u1"')], [("if-none-match", '"u1"')], [("if-none-match", '"u1"')]),
+        # rewritten: the upstream's ETag instead of ours
+        (
+            [("etag", OURS), ("x-upstream-etag", '"u1"')],
+            [("if-none-match", OURS), ("if-modified-since", "d")],
+            [("if-none-match", '"u1"'), ("if-modified-since", "d")],
+        ),
+        # rewritten from an upstream without an ETag: only the date validates
+        (
+            [("etag", OURS)],
+            [("if-none-match", OURS), ("if-modified-since", "d")],
+            [("if-modified-since", "d")],
+        ),
+    ],
+)
+def test_rewritten_conditionals(
+    stored: list[tuple[str, str]],
+    conditional: list[tuple[str, str]],
+    expected: list[tuple[str, str]],
+) -> None:
+    out = packages.rewritten_conditionals(Headers(stored), Headers(conditional))
+    assert list(out) == expected
+
+
+REWRITTEN = Headers([("etag", OURS), ("x-upstream-etag", '"u1"'), ("content-length", "10")])
+
+
+@pytest.mark.parametrize(
+    ("stored", "status", "fields", "expected"),
+    [
+        # the upstream's ETag maps back to ours; its length and coding are dropped
+        (
+            REWRITTEN,
+            304,
+            [("etag", '"u1"'), ("content-length", "99"), ("content-encoding", "gzip")],
+            [("etag", OURS)],
+        ),
+        (
+            REWRITTEN,
+            304,
+            [("cache-control", "max-age=5")],
+            [("cache-control", "max-age=5"), ("etag", OURS)],
+        ),
+        # another ETag than the one we asked with stays: it selects nothing (RFC 9111 §4.3.4)
+        (REWRITTEN, 304, [("etag", '"u2"')], [("etag", '"u2"')]),
+        # not a 304, or not a rewritten entry: unchanged
+        (REWRITTEN, 200, [("etag", '"u1"')], [("etag", '"u1"')]),
+        (
+            Headers([("etag", '"u1"')]),
+            304,
+            [("etag", '"u1"'), ("content-length", "3")],
+            [("etag", '"u1"'), ("content-length", "3")],
+        ),
+    ],
+)
+def test_rewritten_not_modified(
+    stored: Headers, status: int, fields: list[tuple[str, str]], expected: list[tuple[str, str]]
+) -> None:
+    out = packages.rewritten_not_modified(
+        stored, ResponseHead(status=status, headers=Headers(fields))
+    )
+    assert (out.status, list(out.headers)) == (status, expected)
+
+
+@pytest.mark.parametrize(
+    ("route_kind", "path_kind", "expected"),
+    [
+        ("pypi", "simple-index", True),
+        ("pypi", "project-page", True),
+        ("npm", "packument", True),
+        ("pypi", "file", False),
+        ("npm", "tarball", False),
+        ("goproxy", "list", False),
+        ("http", "other", False),
+    ],
+)
+def test_rewrites(route_kind: str, path_kind: str, expected: bool) -> None:
+    assert packages.rewrites(route_kind, path_kind) is expected
