@@ -49,6 +49,7 @@ from .http import Headers, Request, ResponseHead, strip_hop_by_hop
 from .metrics import Metrics, multiprocess_enabled
 from .observe import Observer
 from .packages import DigestBook, IntegrityError
+from .purgelog import Purge, PurgeLog
 from .server import ClientGone, ClientInfo, Exchange, H11Sink, send_error
 from .settings import Settings
 from .status import build_stats, readiness, tier_figures
@@ -109,6 +110,7 @@ class Proxy:
             f"proxychain-{socket.gethostname()}-{settings.server.port}"
         )
         self._nursery = nursery
+        self.purge_log: PurgeLog | None = None
         self._fills = FillRegistry()
         self._revalidating: set[str] = set()
         self._revalidation_limiter = trio.CapacityLimiter(MAX_BACKGROUND_REVALIDATIONS)
@@ -135,7 +137,17 @@ class Proxy:
             removed += await self.store.remove(keys.primary_key("GET", self._key_url(url)))
         if prefix is not None:
             removed += await self.store.purge_prefix(prefix)
+        if self.purge_log is not None:
+            await self.purge_log.append(Purge(url=url, prefix=prefix))
         return removed
+
+    def forget(self, purge: Purge) -> None:
+        """Drop a purge made by another worker from this worker's memory tier."""
+        if purge.url is not None:
+            self.store.memory.remove(keys.primary_key("GET", self._key_url(purge.url)))
+        if purge.prefix is not None:
+            prefix = purge.prefix
+            self.store.memory.remove_where(lambda entry: entry.url.startswith(prefix))
 
     def breaker_statistics(self) -> dict[str, BreakerStatistics]:
         """Breaker state of every upstream of every route, by upstream URL."""
@@ -897,6 +909,11 @@ async def open_proxy(
             proxy = Proxy(settings, store, nursery, clock, routes, observer, digests)
             for route in proxy.routes:
                 nursery.start_soon(run_health_checks, route, clock, proxy.node_name)
+            if settings.server.workers > 1:
+                # Other workers' memory tiers learn of purges from the shared purge log.
+                proxy.purge_log = PurgeLog(cache.dir)
+                await proxy.purge_log.open()
+                nursery.start_soon(proxy.purge_log.follow, proxy.forget)
             try:
                 yield proxy
             finally:
