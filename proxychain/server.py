@@ -496,7 +496,7 @@ async def _request_body(conn: _Connection) -> AsyncIterator[bytes]:
     """Stream the request body; sends ``100 Continue`` first if the client waits for it."""
     h = conn.h11
     if h.they_are_waiting_for_100_continue:
-        await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        await conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
     while True:
         event = await conn.next_event()
         if isinstance(event, h11.Data):
