@@ -35,7 +35,7 @@ from typing import BinaryIO, assert_never
 
 import trio
 
-from . import freshness, keys, mirror, package_fill, packages, policy, ranges
+from . import failover, freshness, keys, mirror, package_fill, packages, policy, ranges
 from .breaker import BreakerStatistics
 from .clock import Clock
 from .coalesce import Fill, FillFailed, FillRegistry
@@ -210,7 +210,7 @@ class Proxy:
             await send_error(sink, 404, f"no route for {request.path}", self.clock)
             return
         exchange.route = route.settings.prefix
-        if _via_names(request.headers.get("via"), self.node_name):
+        if failover.via_names_node(request.headers.get("via"), self.node_name):
             exchange.outcome = "ERROR"
             await send_error(
                 sink, 508, f"loop detected: Via already names {self.node_name}", self.clock
@@ -861,16 +861,6 @@ def _stored_for(candidates: list[Stored], entry: Entry) -> Stored:
         if stored.entry.variant == entry.variant:
             return stored
     raise AssertionError("policy chose an entry that is not among the candidates")
-
-
-def _via_names(via: str | None, node_name: str) -> bool:
-    if not via:
-        return False
-    for element in via.split(","):
-        parts = element.split()
-        if len(parts) >= 2 and parts[1] == node_name:
-            return True
-    return False
 
 
 @asynccontextmanager
