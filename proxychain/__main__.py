@@ -47,7 +47,12 @@ async def run(settings: Settings, *, handle_signals: bool = True) -> None:
         async def serve_then_stop(*, task_status: trio.TaskStatus[int]) -> None:
             # serve() returns once drained; the signal watcher and admin plane go with it.
             await serve(
-                proxy, settings.server, clock=clock, shutdown=shutdown, task_status=task_status
+                proxy,
+                settings.server,
+                clock=clock,
+                shutdown=shutdown,
+                task_status=task_status,
+                on_listening=proxy.set_listening,
             )
             nursery.cancel_scope.cancel()
 

@@ -111,6 +111,7 @@ class Proxy:
         )
         self._nursery = nursery
         self.purge_log: PurgeLog | None = None
+        self.listening = False  # the data plane accepts connections (readiness)
         self._fills = FillRegistry()
         self._revalidating: set[str] = set()
         self._revalidation_limiter = trio.CapacityLimiter(MAX_BACKGROUND_REVALIDATIONS)
@@ -188,6 +189,10 @@ class Proxy:
     def ready(self) -> tuple[bool, list[str]]:
         """Readiness: disk tier writable, and every route has an upstream that is not open."""
         return readiness(self)
+
+    def set_listening(self, up: bool) -> None:
+        """Told by the server whether the data plane is accepting (for ``/readyz``)."""
+        self.listening = up
 
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus exposition."""

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol
@@ -588,6 +588,7 @@ async def serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     listeners: list[trio.SocketListener] | None = None,
     worker_id: str | None = None,
+    on_listening: Callable[[bool], None] | None = None,
 ) -> None:
     """Run the data plane until ``shutdown`` is set, then drain.
 
@@ -599,6 +600,8 @@ async def serve(
         task_status: receives the bound port once listening.
         listeners: already-bound listeners (multi-process workers share one socket).
         worker_id: when set, every response names it in ``x-proxychain-worker``.
+        on_listening: told ``True`` once accepting and ``False`` when the drain starts
+            (readiness).
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
@@ -608,8 +611,12 @@ async def serve(
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
                 acceptors.start_soon(_accept_loop, listener, handlers, server)
+            if on_listening is not None:
+                on_listening(True)
             task_status.started(port)
             await shutdown.wait()
+            if on_listening is not None:
+                on_listening(False)
             acceptors.cancel_scope.cancel()
         for listener in listeners:
             with trio.CancelScope(shield=True):

@@ -103,12 +103,15 @@ def build_stats(proxy: Proxy) -> dict[str, object]:
 
 
 def readiness(proxy: Proxy) -> tuple[bool, list[str]]:
-    """Ready when the disk tier is writable and every route can reach an upstream.
+    """Ready when the data plane is listening, the disk tier is writable and every route can
+    reach an upstream.
 
     A route whose every breaker is open is still ready if it can serve stale copies
     (``max_stale`` or the mirror kinds' default), because that is what it is for.
     """
     reasons = []
+    if not proxy.listening:
+        reasons.append("the data-plane listener is not accepting connections")
     cache_dir = proxy.settings.cache.dir
     if not os.access(cache_dir, os.W_OK):
         reasons.append(f"cache directory {cache_dir} is not writable")

@@ -229,6 +229,7 @@ async def _worker(settings: Settings, sock: socket.socket, index: int, parent: i
                 task_status=task_status,
                 listeners=[listener],
                 worker_id=str(os.getpid()),
+                on_listening=proxy.set_listening,
             )
             nursery.cancel_scope.cancel()
 

@@ -54,7 +54,14 @@ async def run_proxy(
     async with open_proxy(settings, connect=connect, clock=clock) as proxy:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
-                partial(serve, proxy, settings.server, clock=proxy.clock, shutdown=shutdown)
+                partial(
+                    serve,
+                    proxy,
+                    settings.server,
+                    clock=proxy.clock,
+                    shutdown=shutdown,
+                    on_listening=proxy.set_listening,
+                )
             )
             yield RunningProxy(f"http://127.0.0.1:{port}", port, proxy, settings, shutdown)
             shutdown.set()
