@@ -152,9 +152,21 @@ class Route:
         )
 
     def chain_for(self, path: str) -> failover.Chain | failover.Refuse:
-        """The chain for ``path``: restricted to a private rule's upstreams when one matches."""
+        """The chain for ``path``: restricted to a private rule's upstreams when one matches.
+
+        A checksum-database lookup of a private module is refused (404) without contacting
+        anyone, as ``GONOSUMDB`` keeps ``go`` from asking: the module's name must not leak to
+        the public checksum database, and a private upstream has no sumdb to ask.
+        """
         rule = failover.match_private(self._private_subject(path), self.private)
-        return self.chain if rule is None else failover.restrict_chain(self.chain, rule)
+        if rule is None:
+            return self.chain
+        if self.settings.kind == "goproxy" and goproxy.sumdb_lookup_module(path) is not None:
+            return failover.Refuse(
+                reason="checksum database lookups of private modules are not forwarded",
+                status_hint=404,
+            )
+        return failover.restrict_chain(self.chain, rule)
 
     def _private_subject(self, path: str) -> str:
         """What private patterns match: for goproxy, the module path in its real case.

@@ -534,7 +534,6 @@ def go_route(upstreams: str, private: list[dict[str, Any]]) -> dict[str, Any]:
         ("/corp.example.com/lib/@v/v1.0.0.info", "corp.example.com/*", True),
         ("/github.com/!corp/lib/@v/list", "github.com/Corp/*", True),
         ("/github.com/!corp/lib/@v/v1.0.0.mod", "github.com/Corp", True),
-        ("/sumdb/sum.golang.org/lookup/github.com/!corp/lib@v1.0.0", "github.com/Corp", True),
         ("/github.com/corp/lib/@v/list", "github.com/Corp/*", False),
         ("/github.com/other/lib/@v/list", "corp.example.com/*", False),
     ],
@@ -558,6 +557,29 @@ async def test_private_paths_go_only_to_their_upstreams(
         assert h.net.count("b") == 0
     else:
         assert (got.status, got.body) == (200, b"from b")
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        ("/sumdb/sum.golang.org/lookup/github.com/!corp/lib@v1.0.0", 404),
+        ("/sumdb/sum.golang.org/lookup/github.com/other/lib@v1.0.0", 200),
+    ],
+)
+async def test_sumdb_lookup_of_a_private_module_is_refused_without_contact(
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
+    status: int,
+) -> None:
+    origins = two_origins()
+    origins["b"].default = body_reply(b"from b")
+    rules = [{"patterns": ["github.com/Corp/*"], "upstreams": [A]}]
+    async with open_harness(tmp_path, [go_route(f"{B}", rules)], origins, monkeypatch) as h:
+        got = await h.get(target)
+    assert got.status == status
+    assert h.net.count("b") == (0 if status == 404 else 1)
 
 
 async def test_private_path_with_no_allowed_upstream_is_refused_without_contact(
