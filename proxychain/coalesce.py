@@ -145,23 +145,27 @@ class Fill:
         ``pread``, so the shared file offset does not matter.
         """
         path = self.state.tmp_path
-        if path is None or self.state.finished or self.state.failed:
+        if path is None or self._ended():
             return None
         while self._opening is not None:
             await self._opening.wait()
-        if self._shared is None:
+        shared = self._shared
+        if shared is None:
             opening = self._opening = trio.Event()
             try:
-                self._shared = await trio.to_thread.run_sync(open, path, "rb")
+                shared = self._shared = await trio.to_thread.run_sync(open, path, "rb")
             except FileNotFoundError:
                 return None
             finally:
                 self._opening = None
                 opening.set()
-        if self._shared is None or self.state.finished or self.state.failed:
-            self.close_shared()
+        if self._ended():
+            self.close_shared()  # the fill ended while the file was opened
             return None
-        return os.fdopen(os.dup(self._shared.fileno()), "rb")
+        return os.fdopen(os.dup(shared.fileno()), "rb")
+
+    def _ended(self) -> bool:
+        return self.state.finished or self.state.failed
 
     def close_shared(self) -> None:
         """Close the descriptor waiters' files were duplicated from (they keep their own)."""

@@ -87,7 +87,7 @@ META_VERSION = 1
 DEFAULT_DISK_THREADS = 16
 DEFAULT_CHUNK_BYTES = 1 << 20  # bytes per read system call: what counts for big bodies
 WRITE_BATCH_BYTES = 1 << 20  # a fill's chunks gathered per worker-thread call
-WRITE_BATCH_INTERVAL = 0.010  # seconds; a chunk this long after the last write goes at once
+WRITE_BATCH_INTERVAL = 0.050  # seconds; a chunk this long after the last write goes at once
 DEFAULT_RESCAN_INTERVAL = 300.0  # seconds between index rescans (other processes' changes)
 # A commit renames the body, then the metadata, microseconds apart; an unreferenced body older
 # than this (filesystem seconds) is an orphan left by a crash or a lost race.
@@ -728,6 +728,23 @@ class DiskTier:
         finally:
             file.close()
 
+    async def open_file(self, entry: Entry) -> BinaryIO:
+        """``entry``'s body file, opened for reading (close it); its size checked.
+
+        Raises:
+            CacheCorrupt: the body file is missing or of the wrong size (the entry is
+                dropped).
+        """
+        try:
+            return await self._run(_open_body, self._body_path(entry), entry.body_size)
+        except CacheCorrupt as exc:
+            await self._drop(entry, str(exc))
+            raise
+
+    async def drop(self, entry: Entry, reason: str) -> None:
+        """Drop ``entry`` found corrupt while it was served (logged and counted)."""
+        await self._drop(entry, reason)
+
     async def load(self, entry: Entry) -> bytes:
         """The whole body, checked against ``entry.sha256`` (for promotion into memory).
 
@@ -752,8 +769,11 @@ class DiskTier:
             return False
         return size == entry.body_size and digest == entry.sha256
 
-    async def open_writer(self, key: str, variant: str) -> DiskWriter:
+    async def open_writer(self, key: str, variant: str, *, batched: bool = False) -> DiskWriter:
         """A temp file for a new body of ``(key, variant)``; commit or abort it.
+
+        ``batched``: gather written chunks (see :meth:`DiskWriter.write`); otherwise every
+        accepted byte is in the temp file when ``write`` returns.
 
         Raises:
             ValueError: ``key`` or ``variant`` is not a hex digest.
@@ -761,7 +781,7 @@ class DiskTier:
         check_key(key, variant)
         path = self._tmp_path("part")
         file = await self._run(_create, path)
-        writer = DiskWriter(self, key, variant, path, file)
+        writer = DiskWriter(self, key, variant, path, file, batched=batched)
         self._writers.add(writer)
         return writer
 
@@ -833,12 +853,20 @@ class DiskTier:
 class DiskWriter:
     """A body being written to a temp file; ``commit`` publishes it, ``abort`` discards it.
 
-    ``tmp_path`` holds the first ``bytes_written`` bytes ``write`` accepted (the rest wait
-    for a batch, see :meth:`write`), so readers may follow it while it grows. Use as ``async with`` to abort on any exit before commit.
+    ``tmp_path`` holds the first ``bytes_written`` bytes ``write`` accepted (all of them
+    unless opened ``batched``, see :meth:`write`), so readers may follow it while it grows.
+    Use as ``async with`` to abort on any exit before commit.
     """
 
     def __init__(
-        self, tier: DiskTier, key: str, variant: str, tmp_path: Path, file: BinaryIO
+        self,
+        tier: DiskTier,
+        key: str,
+        variant: str,
+        tmp_path: Path,
+        file: BinaryIO,
+        *,
+        batched: bool = False,
     ) -> None:
         self.key = key
         self.variant = variant
@@ -850,7 +878,8 @@ class DiskWriter:
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []  # accepted, not yet in the file
         self._pending_bytes = 0
-        self._flushed_at = -math.inf
+        self._batched = batched
+        self._flushed_at = trio.current_time()  # the open counts: a quick body is one batch
 
     def __repr__(self) -> str:
         state = "open" if self._file is not None else "closed"
@@ -873,15 +902,33 @@ class DiskWriter:
             self._hash.update(chunk)
             self.bytes_written += len(chunk)
 
+    def _write_and_commit(
+        self,
+        started: list[bool],
+        file: BinaryIO,
+        pending: list[bytes],
+        tmp_meta: Path,
+        key_dir: Path,
+        entry: Entry,
+    ) -> tuple[Entry, int, frozenset[str]]:
+        """Write the last batch, then :func:`_commit` (in a worker thread)."""
+        self._write(file, pending)
+        final = entry.replace(body_size=self.bytes_written, sha256=self._hash.hexdigest())
+        meta = encode_meta(final)
+        variants = _commit(started, file, self.tmp_path, tmp_meta, key_dir, final, meta)
+        return final, len(meta), variants
+
     async def write(self, chunk: bytes) -> None:
         """Append ``chunk`` to the temp file.
 
-        Chunks arriving in a burst are gathered up to ``WRITE_BATCH_BYTES`` per worker-thread
-        call (a thread hop costs more than writing a small chunk). The first chunk, and any
-        chunk arriving ``WRITE_BATCH_INTERVAL`` or more after the last write, go at once, so
-        waiters following ``tmp_path`` see a slow body as it arrives; after a burst they may
-        trail by up to a batch until the next chunk or the commit. ``bytes_written`` counts
-        what is in the file.
+        A writer opened ``batched`` gathers chunks arriving in a burst, up to
+        ``WRITE_BATCH_BYTES`` per worker-thread call: under load a thread hop (and the GIL
+        hand-over around it) costs more than the write. A chunk arriving
+        ``WRITE_BATCH_INTERVAL`` or more after the last write (or the open) goes at once with
+        what was gathered, so waiters following ``tmp_path`` see a slow body as it arrives;
+        after a burst they may trail by up to a batch until the next chunk, :meth:`flush` or
+        the commit, which writes the last batch itself. ``bytes_written`` counts what is in
+        the file; without ``batched`` that is every byte accepted.
 
         Raises:
             trio.ClosedResourceError: after commit or abort.
@@ -894,7 +941,7 @@ class DiskWriter:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         if (
-            self.bytes_written == 0
+            not self._batched
             or self._pending_bytes >= WRITE_BATCH_BYTES
             or trio.current_time() - self._flushed_at >= WRITE_BATCH_INTERVAL
         ):
@@ -934,40 +981,40 @@ class DiskWriter:
             raise trio.ClosedResourceError("writer is committed or aborted")
         if (entry.key, entry.variant) != (self.key, self.variant):
             raise ValueError("entry does not belong to this writer")
-        await self.flush()
-        if self._file is None:
-            raise CacheCorrupt("writing the cache body failed")
-        if expected_size is not None and expected_size != self.bytes_written:
+        size = self.bytes_written + self._pending_bytes
+        if expected_size is not None and expected_size != size:
             await self.abort()
-            raise CacheCorrupt(
-                f"body is {self.bytes_written} bytes, upstream promised {expected_size}"
-            )
+            raise CacheCorrupt(f"body is {size} bytes, upstream promised {expected_size}")
         tier = self._tier
-        final = entry.replace(body_size=self.bytes_written, sha256=self._hash.hexdigest())
-        meta = encode_meta(final)
         file, self._file = self._file, None
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         started: list[bool] = []
         try:
-            self.variants_on_disk = await tier._run(
-                _commit,
+            # The last batch is written in the same worker-thread call as the commit.
+            final, meta_size, self.variants_on_disk = await tier._run(
+                self._write_and_commit,
                 started,
                 file,
-                self.tmp_path,
+                pending,
                 tier._tmp_path("meta.part"),
                 tier._key_dir(self.key),
-                final,
-                meta,
+                entry,
             )
         except BaseException as exc:
             if not started:
-                self._file = file  # cancelled before the thread ran: abort() cleans up
+                # Cancelled before the thread ran, or the last batch failed: abort() cleans up.
+                self._file = file
+                if isinstance(exc, OSError):
+                    await self.abort()
+                    raise CacheCorrupt(f"writing the cache body failed: {exc}") from exc
+                self._pending = pending
                 raise
             tier._writers.discard(self)
             if isinstance(exc, OSError):
                 raise CacheCorrupt(f"committing the cache body failed: {exc}") from exc
             raise
         tier._writers.discard(self)
-        tier._index_put((self.key, self.variant), len(meta) + final.body_size, recent=True)
+        tier._index_put((self.key, self.variant), meta_size + final.body_size, recent=True)
         await tier._enforce_budget()
         return final
 

@@ -9,8 +9,10 @@ is split the way h11's ``get_comma_header`` does. The shell converts to and from
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 __all__ = [
     "HOP_BY_HOP",
@@ -25,6 +27,9 @@ __all__ = [
     "parse_http_date",
     "strip_hop_by_hop",
 ]
+
+_T = TypeVar("_T")
+DATE_CACHE_SIZE = 1024  # parsed HTTP-dates remembered
 
 # RFC 9110 §7.6.1 plus the legacy names every proxy strips (RFC 2616 §13.5.1).
 HOP_BY_HOP = frozenset(
@@ -43,21 +48,50 @@ HOP_BY_HOP = frozenset(
 
 
 class Headers:
-    """An ordered, immutable multi-map of header fields with lower-cased names."""
+    """An ordered, immutable multi-map of header fields with lower-cased names.
 
-    __slots__ = ("_items",)
+    Being immutable, an instance keeps what is derived from it: a name index, built on the
+    first look-up, and values parsed from its fields (:meth:`memo`). A stored response's
+    fields are parsed once, not on every hit.
+    """
+
+    __slots__ = ("_index", "_items", "_memo")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: tuple[tuple[str, str], ...] = tuple(
             (name.lower(), value) for name, value in items
         )
+        self._index: dict[str, list[str]] | None = None
+        self._memo: dict[object, object] | None = None
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> Headers:
         """Build from h11's header list (names already lower-case bytes)."""
-        new = cls.__new__(cls)
-        new._items = tuple((n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw)
-        return new
+        return _from_lower([(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw])
+
+    def _lines(self) -> dict[str, list[str]]:
+        index = self._index
+        if index is None:
+            index = {}
+            for name, value in self._items:
+                lines = index.get(name)
+                if lines is None:
+                    index[name] = [value]
+                else:
+                    lines.append(value)
+            self._index = index
+        return index
+
+    def memo(self, key: object, compute: Callable[[Headers], _T]) -> _T:
+        """``compute(self)``, computed once per ``key`` (a pure function of the fields)."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        try:
+            return cast("_T", memo[key])
+        except KeyError:
+            value = memo[key] = compute(self)
+            return value
 
     def raw(self) -> list[tuple[bytes, bytes]]:
         """The fields as h11 wants them."""
@@ -72,8 +106,7 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        lname = name.lower()
-        return any(n == lname for n, _ in self._items)
+        return name.lower() in self._lines()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Headers) and self._items == other._items
@@ -86,16 +119,14 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """All values of ``name`` joined with ", " (RFC 9110 §5.3), or ``default``."""
-        lname = name.lower()
-        values = [v for n, v in self._items if n == lname]
+        values = self._lines().get(name.lower())
         if not values:
             return default
         return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str) -> list[str]:
         """Every field line named ``name``, unjoined (for Set-Cookie-like fields)."""
-        lname = name.lower()
-        return [v for n, v in self._items if n == lname]
+        return list(self._lines().get(name.lower(), ()))
 
     def get_list(self, name: str) -> list[str]:
         """The comma-separated list elements of ``name`` (RFC 9110 §5.6.1), stripped, no empties."""
@@ -139,6 +170,8 @@ class Headers:
 def _from_lower(items: list[tuple[str, str]]) -> Headers:
     new = Headers.__new__(Headers)
     new._items = tuple(items)
+    new._index = None
+    new._memo = None
     return new
 
 
@@ -213,6 +246,12 @@ def parse_http_date(value: str | None) -> float | None:
     """Seconds since the epoch for an IMF-fixdate (or an obsolete form), or ``None`` if invalid."""
     if not value:
         return None
+    return _parse_http_date(value)
+
+
+# Stored responses carry the same few dates on every hit; email.utils parsing is slow.
+@functools.lru_cache(maxsize=DATE_CACHE_SIZE)
+def _parse_http_date(value: str) -> float | None:
     try:
         parsed = email.utils.parsedate_to_datetime(value.strip())
     except (TypeError, ValueError, IndexError):
@@ -305,7 +344,16 @@ class CacheControl:
 
 
 def parse_cache_control(headers: Headers) -> CacheControl:
-    """Parse every Cache-Control field line; the first occurrence of a directive wins."""
+    """Parse every Cache-Control field line; the first occurrence of a directive wins.
+
+    Parsed once per :class:`Headers` instance (the result is shared: do not mutate it).
+    """
+    if "cache-control" not in headers:
+        return _NO_DIRECTIVES
+    return headers.memo(parse_cache_control, _parse_cache_control)
+
+
+def _parse_cache_control(headers: Headers) -> CacheControl:
     directives: dict[str, str | None] = {}
     for part in headers.get_list("cache-control"):
         name, sep, arg = part.partition("=")
@@ -317,3 +365,6 @@ def parse_cache_control(headers: Headers) -> CacheControl:
             value = value[1:-1]
         directives[name] = value
     return CacheControl(directives)
+
+
+_NO_DIRECTIVES = CacheControl({})

@@ -26,6 +26,7 @@ field but forget to say so in ``Vary``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
@@ -54,6 +55,8 @@ _COMMA = re.compile(r"[ \t]*,[ \t]*")
 
 # Fields whose values are case-insensitive token lists (RFC 9110 §12.5.3, §12.5.4 and
 # RFC 4647 language ranges); lower-casing them cannot change what the origin selects.
+# Primary keys remembered (a hot key is hashed once, not on every hit): ~200 bytes each.
+KEY_CACHE_SIZE = 4096
 _CASE_INSENSITIVE = frozenset({"accept-encoding", "accept-charset", "accept-language"})
 
 
@@ -73,6 +76,7 @@ def normalise_target(url: str) -> str:
     return _PCT.sub(_pct, url)
 
 
+@functools.lru_cache(maxsize=KEY_CACHE_SIZE)
 def primary_key(method: str, url: str) -> str:
     """The primary cache key of a request for ``url`` (path and query, route prefix included).
 
@@ -91,11 +95,17 @@ def vary_names(head: ResponseHead, forced: Iterable[str] = ()) -> tuple[str, ...
 
     Returns ``None`` for ``Vary: *`` (RFC 9111 §4.1: such a response never matches).
     """
-    names = {name.lower() for name in head.headers.get_list("vary")}
-    if "*" in names:
+    own = head.headers.memo(vary_names, _own_vary_names) if "vary" in head.headers else ()
+    if own is None:
         return None
-    names.update(name.lower() for name in forced)
-    return tuple(sorted(names))
+    if not forced:
+        return own
+    return tuple(sorted({*own, *(name.lower() for name in forced)}))
+
+
+def _own_vary_names(headers: Headers) -> tuple[str, ...] | None:
+    names = {name.lower() for name in headers.get_list("vary")}
+    return None if "*" in names else tuple(sorted(names))
 
 
 def _normalise_value(name: str, lines: list[str]) -> str:

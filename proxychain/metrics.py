@@ -185,6 +185,9 @@ class Metrics:
         self.multiprocess = multiprocess
         self._tier_source = tier_source
         self._evictions_seen: dict[str, int] = {}
+        # Labelled children of the request families, by (route, method, class, outcome, tier).
+        self._request_children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
+        self._sent_children: dict[tuple[str, str], Counter] = {}
         # Metric objects always live in a private registry so duplicate names are still caught;
         # what /metrics exposes is `_scrape`, which in multi-process mode reads the mmap files.
         self._registry = CollectorRegistry(auto_describe=True)
@@ -322,10 +325,21 @@ class Metrics:
             duration: seconds from request head to the end of the response.
         """
         method = method if method in _KNOWN_METHODS else "OTHER"
-        self._requests.labels(route, method, _status_class(status), outcome, tier).inc()
+        labels = (route, method, _status_class(status), outcome, tier)
+        children = self._request_children.get(labels)
+        if children is None:
+            # ``labels()`` validates and locks on every call; the children never change.
+            children = self._request_children[labels] = (
+                self._requests.labels(*labels),
+                self._duration.labels(route, outcome),
+            )
+        children[0].inc()
+        children[1].observe(duration)
         if bytes_sent:
-            self._bytes_sent.labels(route, tier).inc(bytes_sent)
-        self._duration.labels(route, outcome).observe(duration)
+            sent = self._sent_children.get((route, tier))
+            if sent is None:  # created on first use: no zero series for tiers never sent
+                sent = self._sent_children[route, tier] = self._bytes_sent.labels(route, tier)
+            sent.inc(bytes_sent)
 
     def upstream_done(
         self, upstream: str, status_or_error: int | ErrorKind | UpstreamError, duration: float

@@ -87,6 +87,7 @@ __all__ = [
     "Revalidate",
     "RoutePolicy",
     "ServeStale",
+    "age_field",
     "answer_conditional",
     "cached_response_headers",
     "conditional_headers",
@@ -685,7 +686,12 @@ def answer_conditional(request: Request, entry: Entry) -> int | None:
 
 def cached_response_headers(entry: Entry, age: float) -> Headers:
     """The stored header fields with ``Age`` set to whole seconds (RFC 9111 §5.1)."""
-    return entry.headers.set("age", str(min(int(max(0.0, age)), 2**31)))
+    return entry.headers.set("age", age_field(age))
+
+
+def age_field(age: float) -> str:
+    """The ``Age`` value for ``age`` seconds: whole seconds, saturating at 2**31 (§5.1)."""
+    return str(min(int(max(0.0, age)), 2**31))
 
 
 def not_modified_headers(entry: Entry, age: float) -> Headers:

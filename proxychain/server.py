@@ -21,10 +21,11 @@ import contextlib
 import functools
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import h11
 import trio
@@ -34,7 +35,16 @@ from .errors import ProxyChainError
 from .http import Headers, Request, ResponseHead, format_http_date
 from .settings import ServerSettings
 
-__all__ = ["ClientGone", "ClientInfo", "Exchange", "H11Sink", "Server", "serve"]
+__all__ = [
+    "ClientGone",
+    "ClientInfo",
+    "Exchange",
+    "H11Sink",
+    "PreparedHead",
+    "Server",
+    "prepare",
+    "serve",
+]
 
 log = logging.getLogger("proxychain.server")
 access_log = logging.getLogger("proxychain.access")
@@ -94,6 +104,37 @@ class H11Sink:
         self.ended = False
         self.aborted = False
 
+    async def start_prepared(self, prepared: PreparedHead, extra: Headers) -> None:
+        """Like :meth:`start` for ``prepared`` followed by the ``extra`` fields, but written
+        from the pre-serialised block when the response may skip h11 (see :func:`prepare`)."""
+        conn = self._conn
+        block = prepared.block
+        if (
+            block is None
+            or conn.draining
+            or not self._plain_request
+            or not conn.plain_exchange()
+            or not _safe_fields(extra)
+        ):
+            head = prepared.head
+            await self.start(
+                ResponseHead(
+                    status=head.status, reason=head.reason, headers=head.headers.update(extra)
+                )
+            )
+            return
+        lines = [block, *(f"{n}: {v}\r\n".encode("latin-1") for n, v in extra)]
+        if conn.worker_field is not None:
+            lines.append(b"%s: %s\r\n" % conn.worker_field)
+        lines.append(b"\r\n")
+        self.started = True
+        self.status = prepared.head.status
+        self._pending = b"".join(lines)
+        self._direct_left = 0 if self._head_only else prepared.length
+        if self._direct_left > COALESCE_MAX_BYTES:
+            pending, self._pending = self._pending, b""
+            await conn.write(pending)
+
     async def start(self, head: ResponseHead) -> None:
         """Send the status line and header fields (held for a small body)."""
         conn = self._conn
@@ -140,6 +181,42 @@ class H11Sink:
                 await self._conn.write(pending)
         await self._conn.write(data)
         self.bytes_sent += len(chunk)
+
+    async def send_file(self, file: BinaryIO, count: int) -> bool:
+        """Send ``count`` bytes of ``file`` from its start with ``os.sendfile`` (no copy
+        through Python); False, with nothing sent, when this response cannot (not framed
+        directly, HEAD, or not a socket), and the caller sends the body itself.
+
+        Raises:
+            ClientGone: the client went away.
+            EOFError: the file ended before ``count`` bytes (the response is cut short).
+        """
+        sock = getattr(self._conn.stream, "socket", None)
+        if self._head_only or self._direct_left is None or count > self._direct_left:
+            return False
+        if not isinstance(sock, trio.socket.SocketType):
+            return False
+        pending, self._pending = self._pending, b""
+        await self._conn.write(pending)
+        offset = 0
+        while offset < count:
+            try:
+                # In a worker thread: an entry not in the page cache is read from disk.
+                sent = await trio.to_thread.run_sync(
+                    _sendfile_some, sock.fileno(), file.fileno(), offset, count - offset
+                )
+            except OSError as exc:
+                self._conn.closed = True
+                raise ClientGone(str(exc)) from None
+            if sent is None:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            if sent == 0:
+                raise EOFError(f"file ended after {offset} of {count} bytes")
+            offset += sent
+            self._direct_left -= sent
+            self.bytes_sent += sent
+        return True
 
     async def end(self) -> None:
         """Finish the response; the connection may serve another request."""
@@ -536,6 +613,56 @@ def _direct_head(
     if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
         return None
     return head, length
+
+
+def _sendfile_some(out_fd: int, in_fd: int, offset: int, count: int) -> int | None:
+    """``os.sendfile`` until ``count`` bytes went or the socket is full: bytes sent, 0 at
+    the end of the file, ``None`` when the socket took nothing."""
+    sent_total = 0
+    while sent_total < count:
+        try:
+            sent = os.sendfile(out_fd, in_fd, offset + sent_total, count - sent_total)
+        except BlockingIOError:
+            break
+        if sent == 0:
+            return sent_total
+        sent_total += sent
+    return sent_total or None
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedHead:
+    """A response head serialised once for many responses (a stored response's head).
+
+    ``block`` is the status line and every field, each line ending in CRLF, without the
+    blank line: the fields that change per response (``Age``, ``X-Cache``) are appended to
+    it by :meth:`H11Sink.start_prepared`. ``None`` when h11 must frame the response.
+    """
+
+    head: ResponseHead  # without the per-response fields
+    block: bytes | None
+    length: int  # the body length its Content-Length announces
+
+
+def prepare(status: int, reason: str, headers: Headers) -> PreparedHead:
+    """Serialise a head whose per-response fields are added later (see :class:`PreparedHead`).
+
+    ``headers`` must not contain the fields added later.
+    """
+    fields = ResponseHead(status=status, reason=reason, headers=headers)
+    direct = _direct_head(status, reason.encode("latin-1") or _reason_phrase(status), headers.raw())
+    if direct is None:
+        return PreparedHead(fields, None, 0)
+    head, length = direct
+    return PreparedHead(fields, head[:-2], length)  # without the closing blank line
+
+
+def _safe_fields(fields: Headers) -> bool:
+    """No CR, LF or NUL anywhere in the fields (the checks h11 would make)."""
+    return not any(
+        "\r" in n or "\n" in n or "\0" in n or "\r" in v or "\n" in v or "\0" in v
+        for n, v in fields
+    )
 
 
 @functools.cache

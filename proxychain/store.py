@@ -302,13 +302,15 @@ class Store:
         (the memory tier's own order was refreshed by ``lookup``)."""
         self.disk.touch(stored.entry)
 
-    async def open_writer(self, key: str, variant: str) -> StoreWriter:
-        """A writer for a new body of ``(key, variant)``; commit or abort it.
+    async def open_writer(self, key: str, variant: str, *, batched: bool = False) -> StoreWriter:
+        """A writer for a new body of ``(key, variant)``; commit or abort it. ``batched``
+        gathers chunks per disk write (see :meth:`DiskWriter.write`): for fills whose temp
+        file is only followed through ``bytes_written``, never read whole before the commit.
 
         Raises:
             ValueError: ``key`` or ``variant`` is not a hex digest.
         """
-        return StoreWriter(self, await self.disk.open_writer(key, variant))
+        return StoreWriter(self, await self.disk.open_writer(key, variant, batched=batched))
 
     async def update_meta(self, entry: Entry) -> None:
         """Rewrite the metadata of a stored entry in both tiers (304 freshening)."""
@@ -382,6 +384,10 @@ class StoreWriter:
                 self._chunks.append(chunk)
             else:
                 self._chunks = None
+
+    async def flush(self) -> None:
+        """Write what a batched writer gathered (see :meth:`DiskWriter.flush`)."""
+        await self._writer.flush()
 
     async def commit(self, entry: Entry, *, expected_size: int | None = None) -> Entry:
         """Publish on disk (see :meth:`DiskWriter.commit`), then hold it in memory if it fit

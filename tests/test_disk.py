@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+from proxychain import disk as disk_module
 from proxychain.disk import (
     DiskStatistics,
     DiskTier,
@@ -202,6 +203,44 @@ async def test_tmp_path_is_readable_while_written(tier: DiskTier) -> None:
     assert writer.bytes_written == 9
     assert tier.statistics().open_writers == 1
     await writer.abort()
+
+
+async def test_writes_in_a_burst_are_gathered_until_a_batch_or_the_commit(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 3600.0)
+    monkeypatch.setattr(disk_module, "WRITE_BATCH_BYTES", 10)
+    writer = await tier.open_writer(KEY, "", batched=True)
+    seen: list[tuple[int, bytes]] = []
+    for chunk in (b"abcd", b"efgh", b"ijkl", b"mn"):
+        await writer.write(chunk)
+        seen.append((writer.bytes_written, writer.tmp_path.read_bytes()))
+    entry = await writer.commit(make_entry(), expected_size=14)
+    assert seen == [(0, b""), (0, b""), (12, b"abcdefghijkl"), (12, b"abcdefghijkl")]
+    assert (entry.body_size, entry.sha256) == (14, hashlib.sha256(b"abcdefghijklmn").hexdigest())
+    assert b"".join(await read_all(tier, entry)) == b"abcdefghijklmn"
+
+
+async def test_a_write_after_a_pause_goes_at_once(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 0.0)
+    writer = await tier.open_writer(KEY, "", batched=True)
+    await writer.write(b"slow")
+    assert (writer.bytes_written, writer.tmp_path.read_bytes()) == (4, b"slow")
+    await writer.abort()
+
+
+async def test_commit_with_a_short_last_batch_publishes_nothing(
+    tier: DiskTier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 3600.0)
+    writer = await tier.open_writer(KEY, "", batched=True)
+    await writer.write(b"abc")
+    with pytest.raises(CacheCorrupt, match="body is 3 bytes, upstream promised 4"):
+        await writer.commit(make_entry(), expected_size=4)
+    assert files(tmp_path, "tmp") == []
+    assert files(tmp_path, "objects") == []
 
 
 async def test_abort_leaves_no_files(tier: DiskTier, tmp_path: Path) -> None:

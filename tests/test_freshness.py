@@ -17,7 +17,7 @@ from proxychain.freshness import (
     stale_if_error,
     stale_while_revalidate,
 )
-from proxychain.http import Headers, format_http_date
+from proxychain.http import Headers, format_http_date, parse_cache_control
 
 T0 = 1_700_000_000.0
 
@@ -170,3 +170,12 @@ def test_windows(
 ) -> None:
     assert stale_while_revalidate(Headers(response)) == swr
     assert stale_if_error(Headers(response), Headers(request_fields)) == sie
+
+
+def test_cache_control_is_parsed_once_per_header_set() -> None:
+    headers = Headers([("cache-control", "max-age=5"), ("date", "Tue, 14 Nov 2023 22:13:20 GMT")])
+    first = parse_cache_control(headers)
+    assert parse_cache_control(headers) is first
+    changed = headers.set("cache-control", "max-age=7")
+    assert (first.seconds("max-age"), parse_cache_control(changed).seconds("max-age")) == (5, 7)
+    assert explicit_lifetime(changed, 0.0) == 7.0

@@ -11,14 +11,17 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from proxychain.http import Request
+from proxychain.coalesce import Fill
+from proxychain.http import Request, ResponseHead
 from tests.fakes import Reply
 from tests.test_proxy_caching import AUTOJUMP_THRESHOLD, Got, Harness, open_harness
 
@@ -287,3 +290,34 @@ async def test_waiter_leaving_mid_body_leaves_the_others_whole(
         (len(body), True, expected)
     }
     assert h.origin.count("/blob") == 1
+
+
+async def test_waiters_share_one_opened_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fill.part"
+    path.write_bytes(b"0123456789")
+    fill = Fill("k")
+    fill.publish_head(ResponseHead(status=200), None, path, True)
+    opened: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        opened.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    files = [await fill.open_follower() for _ in range(3)]
+    fill.finish(None)
+    late = await fill.open_follower()
+    fill.close_shared()
+    try:
+        assert opened == [open]
+        # Each waiter's own descriptor stays readable after the shared one closed (pread:
+        # the descriptors share one file offset).
+        assert [os.pread(f.fileno(), 10, 0) for f in files if f is not None] == [b"0123456789"] * 3
+        assert late is None
+    finally:
+        for f in files:
+            if f is not None:
+                f.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import h11
 import pytest
@@ -18,6 +20,8 @@ from proxychain.server import (
     H11Sink,
     Server,
     _direct_head,
+    _sendfile_some,
+    prepare,
 )
 from proxychain.settings import ServerSettings
 
@@ -236,3 +240,70 @@ async def test_client_gone_mid_response_closes_the_server_socket() -> None:
         await client.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await server_side.send_all(b"after")
+
+
+class _Prepared(_Answer):
+    """Answers from a head prepared once, with per-response fields appended."""
+
+    def __init__(self, extra: Headers, body: bytes = b"abc") -> None:
+        super().__init__(200, [body])
+        self.prepared = prepare(200, "", Headers([("content-length", str(len(body)))]))
+        self.extra = extra
+
+    async def handle(self, *args: object) -> None:
+        sink = args[2]
+        assert isinstance(sink, H11Sink)
+        if self.server is not None:
+            self.server.start_draining()
+        await sink.start_prepared(self.prepared, self.extra)
+        for chunk in self.chunks:
+            await sink.send(chunk)
+        await sink.end()
+
+
+async def test_prepared_head_is_the_block_plus_the_extra_fields() -> None:
+    writes = await _writes(GET, _Prepared(Headers([("age", "7")])), worker_id="w1")
+    assert writes == [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nage: 7\r\nx-proxychain-worker: w1\r\n\r\nabc"
+    ]
+
+
+async def test_prepared_head_goes_through_h11_when_the_connection_closes() -> None:
+    writes = await _writes(GET, _Prepared(Headers([("age", "7")])), drain=True)
+    assert writes == [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nage: 7\r\nconnection: close\r\n\r\n",
+        b"abc",
+    ]
+
+
+async def test_prepared_head_refuses_injected_extra_fields() -> None:
+    # Fields with CR/LF fall back to h11, which rejects them: the connection is cut.
+    writes = await _writes(GET, _Prepared(Headers([("age", "7\r\nx-evil: 1")])))
+    assert writes == []
+
+
+def test_prepare_leaves_h11_framed_heads_alone() -> None:
+    chunked = prepare(200, "", Headers([("transfer-encoding", "chunked")]))
+    assert (chunked.block, chunked.length) == (None, 0)
+    plain = prepare(203, "Fine", Headers([("content-length", "5")]))
+    assert (plain.block, plain.length) == (b"HTTP/1.1 203 Fine\r\ncontent-length: 5\r\n", 5)
+
+
+def test_sendfile_some_sends_until_the_socket_is_full_or_the_file_ends(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    a, b = socket.socketpair()
+    with a, b, path.open("rb") as file:
+        a.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        first = _sendfile_some(a.fileno(), file.fileno(), 0, len(data))
+        assert first is not None
+        assert 0 < first < len(data)  # stopped at a full socket
+        assert _sendfile_some(a.fileno(), file.fileno(), first, len(data)) is None
+        received = b""
+        while len(received) < first:
+            received += b.recv(1 << 20)
+        assert received == data[:first]
+        # Past the end of the file: 0, whatever was asked for.
+        assert _sendfile_some(a.fileno(), file.fileno(), len(data), 10) == 0

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from proxychain.disk import DiskTier, open_disk_tier
 from proxychain.entry import Entry
@@ -285,3 +287,66 @@ async def test_touch_on_memory_hit_keeps_entry_on_disk(tmp_path: Path) -> None:
             False,
             True,
         ]
+
+
+async def test_concurrent_lookups_of_one_key_share_one_disk_lookup(
+    disk: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed = await fill(new_store(disk), KEY, bytes(range(256)) * 2)  # over the cap
+    store = new_store(disk)
+    calls: list[str] = []
+    release = trio.Event()
+    real_lookup = disk.lookup
+
+    async def slow_lookup(key: str) -> list[Entry]:
+        calls.append(key)
+        await release.wait()
+        return await real_lookup(key)
+
+    monkeypatch.setattr(disk, "lookup", slow_lookup)
+    results: list[list[Stored]] = []
+
+    async def look() -> None:
+        results.append(await store.lookup(KEY))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(look)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert calls == [KEY]
+    assert results == [[Stored(entry=committed, tier="disk")]] * 5
+    await store.lookup(KEY)  # the next lookup asks the disk again
+    assert calls == [KEY, KEY]
+
+
+async def test_a_failed_shared_lookup_leaves_each_waiter_to_its_own(
+    disk: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = new_store(disk)
+    calls: list[str] = []
+    release = trio.Event()
+
+    async def failing_then_empty(key: str) -> list[Entry]:
+        calls.append(key)
+        if len(calls) == 1:
+            await release.wait()
+            raise OSError("disk gone")
+        return []
+
+    monkeypatch.setattr(disk, "lookup", failing_then_empty)
+    outcomes: list[object] = []
+
+    async def look() -> None:
+        try:
+            outcomes.append(await store.lookup(KEY))
+        except OSError as exc:
+            outcomes.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(look)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert sorted(map(str, outcomes)) == ["[]", "[]", "disk gone"]
+    assert calls == [KEY, KEY, KEY]
