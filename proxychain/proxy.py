@@ -416,8 +416,16 @@ class Proxy:
             file = await fill.open_follower()
             if file is None:
                 return False
-            exchange.outcome = "MISS"
+            # A body that had wholly arrived before this request came is a hit (only the commit
+            # was pending); one still arriving is that fill's miss, shared.
+            complete = state.expected is not None and state.written >= state.expected
+            exchange.outcome = "HIT" if complete else "MISS"
             exchange.detail = "coalesced" if coalesced else ""
+            head = ResponseHead(
+                status=head.status,
+                reason=head.reason,
+                headers=head.headers.set("x-cache", exchange.outcome),
+            )
             try:
                 await self._send_followed(at, fill, file, head, sink)
             finally:

@@ -770,3 +770,31 @@ async def test_unstored_response_is_labelled_bypass(
         h.origin.set("/ns", ok(b"n", ("cache-control", "no-store")))
         got = await h.get("/ns")
     assert (got.status, got.cache) == (200, "BYPASS")
+
+
+async def test_request_joining_a_fill_whose_body_is_complete_is_a_hit(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxychain.store import StoreWriter
+
+    release = trio.Event()
+    commit = StoreWriter.commit
+
+    async def slow_commit(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        await release.wait()  # the fsync and rename are still running
+        return await commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "commit", slow_commit)
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/f", ok(b"whole body", ("cache-control", "max-age=100")))
+        first = await h.get("/f")
+        second = await h.get("/f")  # the first fill has the body but has not committed
+        release.set()
+        await h.settle()
+        third = await h.get("/f")
+    assert [(g.cache, g.body) for g in (first, second, third)] == [
+        ("MISS", b"whole body"),
+        ("HIT", b"whole body"),
+        ("HIT", b"whole body"),
+    ]
+    assert h.origin.count("/f") == 1
