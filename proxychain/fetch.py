@@ -244,6 +244,7 @@ async def fetch_through_chain(
     body: AsyncIterable[bytes] | None = None,
     exclude: frozenset[str] = frozenset(),
     file_host: str | None = None,
+    retry: failover.RetryPolicy | None = None,
 ) -> AsyncIterator[FetchResult]:
     """Send ``request`` along ``route``'s chain; yield the first usable response.
 
@@ -252,6 +253,7 @@ async def fetch_through_chain(
         body: the request body, streamed (a request with a body is never retried).
         exclude: chain upstreams not to contact (``failover.ChainWalk``).
         file_host: a key of ``route.file_pools``: send to that file host instead of the chain.
+        retry: replaces the route's same-upstream retry policy for this request.
 
     Raises:
         RequestRefused: the chain is ``off`` or a private path has no allowed upstream (403).
@@ -270,7 +272,7 @@ async def fetch_through_chain(
     walk = failover.ChainWalk(
         chain,
         breakers,
-        route.retry,
+        route.retry if retry is None else retry,
         route.rng,
         now,
         deadline=now + route.settings.timeouts.deadline,

@@ -519,11 +519,14 @@ class Proxy:
         route = at.route
         req = self._fill_request(at, validate)
         exclude: frozenset[str] = frozenset()
+        # With a stale copy we may serve on error, a failing upstream is not retried: the
+        # client gets the copy sooner and a struggling upstream is spared the extra request.
+        retry = _NO_RETRY if validate is not None and self._may_serve_stale(at, validate) else None
         try:
             while True:
                 request_time = self.clock.wall()
                 async with fetch_through_chain(
-                    route, req, self.clock, exclude=exclude, file_host=at.file_host
+                    route, req, self.clock, exclude=exclude, file_host=at.file_host, retry=retry
                 ) as result:
                     response_time = self.clock.wall()
                     exchange.upstream = result.upstream
@@ -567,6 +570,17 @@ class Proxy:
                     ) from exc
                 case _:
                     assert_never(decision)
+
+    def _may_serve_stale(self, at: _Lookup, validate: tuple[Stored, Headers]) -> bool:
+        decision = policy.on_upstream_error(
+            validate[0].entry,
+            at.request,
+            self.clock.wall(),
+            at.route.policy,
+            at.route.override(at.path_class),
+            502,
+        )
+        return isinstance(decision, policy.ServeStale)
 
     async def _serve_stale_on_error(
         self, at: _Lookup, stale: tuple[Stored, float], sink: H11Sink | None, exchange: Exchange
@@ -851,6 +865,9 @@ def _single_range(request: Request) -> bool:
     """A ``Range`` asking for one range (several ranges of a miss are answered whole)."""
     spec = request.headers.get("range") or ""
     return spec.startswith("bytes=") and "," not in spec
+
+
+_NO_RETRY = failover.RetryPolicy(max_retries=0)
 
 
 class _Refetch(Exception):

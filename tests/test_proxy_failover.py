@@ -353,6 +353,33 @@ async def test_comma_with_a_503_serves_the_stale_copy(
     assert h.net.count("b") == 0
 
 
+@pytest.mark.parametrize(
+    ("cache", "a_connects"), [("max-age=1, stale-if-error=600", 2), ("max-age=1", 3)]
+)
+async def test_refused_revalidation_is_not_retried_when_a_stale_copy_can_answer(
+    autojump_clock: trio.testing.MockClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cache: str,
+    a_connects: int,
+) -> None:
+    origins = two_origins()
+    # Connection: close, so the revalidation needs a new connection (which A refuses).
+    origins["a"].set(
+        "/x",
+        Reply(headers=[("cache-control", cache), ("connection", "close")], body=b"from a"),
+    )
+    async with open_harness(tmp_path, [route(A)], origins, monkeypatch) as h:
+        await h.get("/x")
+        await trio.sleep(10)
+        origins["a"].refuse = True
+        answer = await h.get("/x")
+    # One connect for the fill; then one (no retry) when stale-if-error can answer, or the
+    # first try plus one retry when the client would otherwise get a 502.
+    assert h.net.count("a") == a_connects
+    assert answer.status == (200 if "stale-if-error" in cache else 502)
+
+
 # ---- 3. retries -------------------------------------------------------------------------------
 
 
