@@ -262,3 +262,28 @@ async def test_graceful_shutdown_lets_in_flight_response_finish(
         with pytest.raises(httpx.ConnectError):
             async with httpx.AsyncClient(base_url=p.url) as client:
                 await client.get("/slow")
+
+
+async def test_slow_client_slows_the_upstream_read(
+    proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    chunk = b"x" * (256 * KIB)
+    total = 800 * len(chunk)  # 200 MiB, the same chunk object repeated
+    origin = FakeOrigin()
+    origin.set("/big", Reply(headers=[("cache-control", "max-age=60")], body=[chunk] * 800))
+    async with serve_origin(origin) as up, proxy_factory([_route(up)]) as p:
+        stream = await trio.open_tcp_stream("127.0.0.1", p.port)
+        async with stream:
+            await stream.send_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            received = len(await stream.receive_some(65536))
+            await trio.sleep(0.5)  # the client stops reading; real sockets need the real clock
+            tmp_dir = tmp_path / "cache" / "tmp"
+            filled = sum(f.stat().st_size for f in tmp_dir.iterdir() if f.is_file())
+            while chunk_in := await stream.receive_some(1024 * KIB):
+                received += len(chunk_in)
+                if received >= total:
+                    break
+    # Only what fits in the socket buffers between the three parties was read ahead.
+    assert filled < 64 * MIB, filled
+    assert filled > 0
+    assert received > total  # the head plus the whole body
