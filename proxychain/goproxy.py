@@ -25,8 +25,9 @@ and caches cannot conflate ``github.com/Azure`` with ``github.com/azure``. ``go`
 subset of ``module.CheckPath``) and re-escapes, and uses that canonical form as the cache key
 and the upstream path. Malformed paths classify as ``None``: the proxy answers 404 at once.
 
-``GOPRIVATE`` / ``GONOSUMDB`` patterns (:func:`match_patterns`) let the proxy refuse to ask the
-public checksum database about private modules (:func:`sumdb_lookup_module`).
+``GOPRIVATE`` / ``GONOSUMDB``-style patterns (``failover.match_prefix_patterns``) let the proxy
+refuse to ask the public checksum database about private modules (:func:`sumdb_lookup_module`
+names the module a lookup is about).
 
 Integrity helpers implement golang.org/x/mod/sumdb/dirhash ``Hash1``: ``"h1:"`` plus the
 base64 SHA-256 of the sorted lines ``"<sha256 hex>  <name>\\n"``, one per file. A ``go.mod``
@@ -40,7 +41,7 @@ import base64
 import hashlib
 import re
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .mirror import DEFAULT_METADATA, MalformedPath, MetadataPolicy, PathClass
@@ -55,7 +56,6 @@ __all__ = [
     "hash1_from_digests",
     "is_canonical_version",
     "is_valid_module_path",
-    "match_patterns",
     "mod_hash",
     "parse",
     "parse_go_sum_line",
@@ -320,81 +320,6 @@ def sumdb_lookup_module(path: str) -> tuple[str, str] | None:
 
 
 # ---- GOPRIVATE / GONOSUMDB patterns (module.MatchPrefixPatterns) -----------------------------
-
-
-def _glob_regex(glob: str) -> re.Pattern[str] | None:
-    """Translate a Go ``path.Match`` pattern; ``None`` when malformed (ErrBadPattern)."""
-    out: list[str] = []
-    i = 0
-    while i < len(glob):
-        ch = glob[i]
-        i += 1
-        if ch == "*":
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        elif ch == "\\":
-            if i == len(glob):
-                return None
-            out.append(re.escape(glob[i]))
-            i += 1
-        elif ch == "[":
-            negated = i < len(glob) and glob[i] == "^"
-            i += negated
-            ranges: list[str] = []
-            while True:
-                if i == len(glob):
-                    return None
-                if glob[i] == "]" and ranges:
-                    i += 1
-                    break
-                lo, i = _class_char(glob, i)
-                hi = lo
-                if lo is not None and i < len(glob) and glob[i] == "-":
-                    hi, i = _class_char(glob, i + 1)
-                if lo is None or hi is None or lo > hi:
-                    return None
-                ranges.append(re.escape(lo) + ("-" + re.escape(hi) if hi != lo else ""))
-            out.append(("[^" if negated else "[") + "".join(ranges) + "]")
-        else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out))
-
-
-def _class_char(glob: str, i: int) -> tuple[str | None, int]:
-    """One (possibly escaped) character of a ``[...]`` class at ``glob[i]``."""
-    if i >= len(glob) or glob[i] in "-]":
-        return None, i
-    if glob[i] == "\\":
-        i += 1
-        if i >= len(glob):
-            return None, i
-    return glob[i], i + 1
-
-
-def match_patterns(patterns: Sequence[str], module: str) -> bool:
-    """Go's ``module.MatchPrefixPatterns`` over ``GOPRIVATE``-style globs.
-
-    Args:
-        patterns: globs; each item may itself be a comma-separated list (an env value).
-            A glob with N slashes matches the first N+1 path elements of ``module`` with
-            ``path.Match`` rules (``*`` and ``?`` never cross ``/``); a trailing ``/`` is
-            ignored, empty and malformed globs match nothing.
-        module: an unescaped module path.
-    """
-    for item in patterns:
-        for raw in item.split(","):
-            glob = raw.removesuffix("/")
-            if not glob:
-                continue
-            n = glob.count("/")
-            elems = module.split("/")
-            if len(elems) <= n:
-                continue
-            regex = _glob_regex(glob)
-            if regex is not None and regex.fullmatch("/".join(elems[: n + 1])):
-                return True
-    return False
 
 
 # ---- integrity (golang.org/x/mod/sumdb/dirhash) ----------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxychain import goproxy, mirror
+from proxychain.failover import ChainError, match_prefix_patterns
 from proxychain.goproxy import GoSumLine, ModuleRequest, SumdbRequest
 from proxychain.mirror import METADATA_MAX_STALE, METADATA_SWR, METADATA_TTL, MalformedPath
 
@@ -341,9 +342,20 @@ PATTERN_CASES = [
 ]
 
 
+_MALFORMED = {"a.com/[", "a.com/[]", "a.com/\\", "a.com/[\\", "a.com/[a-"}
+
+
 @pytest.mark.parametrize(("patterns", "module", "expected"), PATTERN_CASES)
-def test_match_patterns(patterns: list[str], module: str, expected: bool) -> None:
-    assert goproxy.match_patterns(patterns, module) is expected
+def test_private_patterns_on_module_paths(patterns: list[str], module: str, expected: bool) -> None:
+    """The private-path matcher (``failover``) on module paths, GOPRIVATE style.
+
+    Where Go silently ignores a malformed glob, the matcher rejects it (a config error).
+    """
+    if _MALFORMED & set(patterns):
+        with pytest.raises(ChainError):
+            match_prefix_patterns(patterns, module)
+    else:
+        assert match_prefix_patterns(patterns, module) is expected
 
 
 # ---- go.sum and dirhash ----------------------------------------------------------------------
