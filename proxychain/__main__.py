@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -35,8 +35,25 @@ log = logging.getLogger("proxychain")
 EXIT_USAGE = 2
 
 
-async def run(settings: Settings, *, handle_signals: bool = True) -> None:
-    """Run the proxy (and its admin plane) until SIGINT/SIGTERM, then shut down gracefully."""
+async def run(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    listeners: list[trio.SocketListener] | None = None,
+    worker_id: str | None = None,
+    watch: Callable[[trio.Event], Awaitable[None]] | None = None,
+    label: str = "",
+) -> None:
+    """Run the proxy (and its admin plane) until SIGINT/SIGTERM, then shut down gracefully.
+
+    Args:
+        settings: what to run.
+        handle_signals: stop on SIGINT/SIGTERM (the first drains, a second stops at once).
+        listeners: an already-bound socket to serve (workers share the parent's).
+        worker_id: a worker's name, sent in ``x-proxychain-worker``.
+        watch: another task that may set the shutdown event (a worker watching its parent).
+        label: logged as "<label> serving" once the listener accepts (a worker's name).
+    """
     from .proxy import open_proxy
     from .server import serve
 
@@ -52,23 +69,30 @@ async def run(settings: Settings, *, handle_signals: bool = True) -> None:
                 clock=clock,
                 shutdown=shutdown,
                 task_status=task_status,
+                listeners=listeners,
+                worker_id=worker_id,
                 on_listening=proxy.set_listening,
             )
             nursery.cancel_scope.cancel()
 
         if handle_signals:
             nursery.start_soon(_wait_for_signals, shutdown)
+        if watch is not None:
+            nursery.start_soon(watch, shutdown)
         port = await nursery.start(serve_then_stop)
         log.info(
-            "proxychain %s listening on %s:%d (%d routes, cache in %s)",
+            "proxychain %s listening on %s:%d (%d routes, cache in %s)%s",
             __version__,
             settings.server.host,
             port,
             len(settings.routes),
             settings.cache.dir,
+            f", worker {worker_id}" if worker_id else "",
         )
         for route in settings.routes:
             log.info("route %s (%s) -> %s", route.prefix, route.kind, route.upstreams)
+        if label:
+            log.info("%s serving", label)
         await _start_admin(nursery, proxy, settings, shutdown)
     log.info("stopped")
 

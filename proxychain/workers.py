@@ -28,6 +28,7 @@ import signal
 import socket
 import tempfile
 import time
+from functools import partial
 
 import trio
 
@@ -210,34 +211,16 @@ def _worker_main(settings: Settings, sock: socket.socket, index: int, mask: set[
 
 
 async def _worker(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
-    from .__main__ import _start_admin, _wait_for_signals
-    from .clock import Clock
-    from .proxy import open_proxy
-    from .server import serve
+    from .__main__ import run
 
-    clock = Clock()
-    shutdown = trio.Event()
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    async with open_proxy(settings, clock=clock) as proxy, trio.open_nursery() as nursery:
-
-        async def serve_then_stop(*, task_status: trio.TaskStatus[int]) -> None:
-            await serve(
-                proxy,
-                settings.server,
-                clock=clock,
-                shutdown=shutdown,
-                task_status=task_status,
-                listeners=[listener],
-                worker_id=str(os.getpid()),
-                on_listening=proxy.set_listening,
-            )
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(_wait_for_signals, shutdown)
-        nursery.start_soon(_watch_parent, parent, shutdown)
-        await nursery.start(serve_then_stop)
-        log.info("worker %d (pid %d) serving", index, os.getpid())
-        await _start_admin(nursery, proxy, settings, shutdown)
+    await run(
+        settings,
+        listeners=[listener],
+        worker_id=str(os.getpid()),
+        watch=partial(_watch_parent, parent),
+        label=f"worker {index} (pid {os.getpid()})",
+    )
 
 
 async def _watch_parent(parent: int, shutdown: trio.Event) -> None:

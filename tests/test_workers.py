@@ -144,6 +144,9 @@ def test_multiproc_dir_is_created_when_unset(monkeypatch: pytest.MonkeyPatch) ->
         assert os.environ[workers.MULTIPROC_DIR_ENV] == created
         assert os.listdir(created) == []
     finally:
+        # monkeypatch.delenv records nothing for an unset variable: undo by hand, or every
+        # later test (and the processes it starts) inherits the directory.
+        os.environ.pop(workers.MULTIPROC_DIR_ENV, None)
         if created is not None:
             os.rmdir(created)
 
