@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -188,4 +189,14 @@ def test_example_configs_are_valid() -> None:
     config_dir = Path(__file__).resolve().parent.parent / "config"
     examples = sorted(config_dir.glob("*.toml"))
     for path in examples:
+        load_settings(path)
+
+
+def test_readme_configuration_reference_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert blocks, "the README lost its configuration reference"
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"readme-{i}.toml"
+        path.write_text(block)
         load_settings(path)
