@@ -51,6 +51,7 @@ from typing import BinaryIO, Literal, Protocol, assert_never
 import trio
 
 from . import goproxy, mirror, npm, pypi
+from .appendlog import append_lines, read_new_lines
 from .entry import Entry
 from .errors import RequestRefused, UpstreamError
 from .http import Headers, ResponseHead
@@ -165,7 +166,7 @@ class DigestBook:
                 for p, d in fresh.items()
             ).encode()
             async with self._lock:
-                await trio.to_thread.run_sync(_append, self.path, lines)
+                await trio.to_thread.run_sync(append_lines, self.path, lines)
                 self._lines += len(fresh)
                 if self._lines > max(COMPACT_MIN_LINES, COMPACT_FACTOR * len(self._digests)):
                     await self._compact()
@@ -176,7 +177,9 @@ class DigestBook:
         if self.path is None:
             return
         async with self._lock:
-            data, self._offset = await trio.to_thread.run_sync(_read_from, self.path, self._offset)
+            data, self._offset = await trio.to_thread.run_sync(
+                read_new_lines, self.path, self._offset
+            )
             self._absorb(data)
 
     def _absorb(self, data: bytes) -> None:
@@ -198,31 +201,6 @@ class DigestBook:
         )
         self._offset = await trio.to_thread.run_sync(_replace_file, self.path, snapshot)
         self._lines = len(self._digests)
-
-
-def _append(path: Path, data: bytes) -> None:
-    # O_APPEND: concurrent appends of whole lines from several processes do not interleave.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
-    """Whole lines from ``offset`` on, and the offset after the last complete line."""
-    try:
-        with path.open("rb") as file:
-            if os.fstat(file.fileno()).st_size < offset:
-                offset = 0  # compacted by another process: read it again
-            file.seek(offset)
-            data = file.read()
-    except FileNotFoundError:
-        return b"", 0
-    end = data.rfind(b"\n") + 1
-    return data[:end], offset + end
 
 
 def _replace_file(path: Path, data: bytes) -> int:

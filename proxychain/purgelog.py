@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from .appendlog import append_lines, read_new_lines
 
 __all__ = ["PURGE_POLL_INTERVAL", "Purge", "PurgeLog"]
 
@@ -52,11 +53,11 @@ class PurgeLog:
     async def append(self, purge: Purge) -> None:
         """Record ``purge`` for the other processes."""
         line = json.dumps({"url": purge.url, "prefix": purge.prefix}) + "\n"
-        await trio.to_thread.run_sync(_append, self.path, line.encode())
+        await trio.to_thread.run_sync(append_lines, self.path, line.encode())
 
     async def read_new(self) -> list[Purge]:
         """The purges appended since the last call."""
-        data, self._offset = await trio.to_thread.run_sync(_read_from, self.path, self._offset)
+        data, self._offset = await trio.to_thread.run_sync(read_new_lines, self.path, self._offset)
         purges = []
         for raw in data.splitlines():
             try:
@@ -84,23 +85,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return b"", 0
-    # Only whole lines; a line being appended right now is read next time.
-    end = data.rfind(b"\n") + 1
-    return data[:end], offset + end
