@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -255,13 +255,3 @@ class FillRegistry:
         if self._fills.get(fill.key) is fill:
             del self._fills[fill.key]
         fill.close_shared()
-
-    def __len__(self) -> int:
-        return len(self._fills)
-
-    def keys(self) -> list[str]:
-        return list(self._fills)
-
-    def on_each(self, fn: Callable[[Fill], None]) -> None:
-        for fill in list(self._fills.values()):
-            fn(fill)

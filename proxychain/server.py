@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import BinaryIO, Protocol
 
@@ -79,7 +79,6 @@ class Exchange:
     tier: str = "-"  # memory, disk
     upstream: str = "-"
     detail: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class H11Sink:
