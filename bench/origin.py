@@ -34,7 +34,14 @@ import h11
 import trio
 from payload import OriginRequest, body_chunks, etag_for, parse_origin_target
 
-__all__ = ["LAST_MODIFIED", "OriginStats", "main", "serve_origin"]
+__all__ = [
+    "DEFAULT_MAX_AGE_S",
+    "LAST_MODIFIED",
+    "OriginStats",
+    "main",
+    "response_head",
+    "serve_origin",
+]
 
 HOST = "127.0.0.1"
 DEFAULT_MAX_AGE_S = 3600
@@ -69,6 +76,31 @@ def _cache_control(req: OriginRequest, default_max_age: int) -> str:
     if req.sie is not None:
         parts.append(f"stale-if-error={req.sie}")
     return ", ".join(parts)
+
+
+def response_head(
+    parsed: OriginRequest,
+    date: bytes,
+    default_max_age: int = DEFAULT_MAX_AGE_S,
+    *,
+    full: bool = True,
+) -> list[tuple[bytes, bytes]]:
+    """The header fields the origin answers ``parsed`` with: a 200's (``full``) or a 304's.
+
+    Shared with :mod:`seed`, which writes into a cache what the origin would have sent.
+    """
+    head = [
+        (b"date", date),
+        (b"cache-control", _cache_control(parsed, default_max_age).encode()),
+        (b"etag", etag_for(parsed.path, parsed.size).encode()),
+        (b"last-modified", _LAST_MODIFIED_HTTP.encode()),
+    ]
+    if full:
+        head += [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(parsed.size).encode()),
+        ]
+    return head
 
 
 def _not_modified(headers: list[tuple[bytes, bytes]], etag: str) -> bool:
@@ -172,24 +204,16 @@ class _Origin:
         etag = etag_for(parsed.path, parsed.size)
         conditional = any(n in (b"if-none-match", b"if-modified-since") for n, _ in req.headers)
         self.stats.conditional += conditional
-        head = [
-            (b"date", date),
-            (b"cache-control", _cache_control(parsed, self.default_max_age).encode()),
-            (b"etag", etag.encode()),
-            (b"last-modified", _LAST_MODIFIED_HTTP.encode()),
-        ]
         if parsed.delay > 0:
             await trio.sleep(parsed.delay)
         if conditional and _not_modified(list(req.headers), etag):
             self.stats.not_modified += 1
+            head = response_head(parsed, date, self.default_max_age, full=False)
             await self._send(stream, conn, h11.Response(status_code=304, headers=head))
             await self._send(stream, conn, h11.EndOfMessage())
             return
         self.stats.full += 1
-        head += [
-            (b"content-type", b"application/octet-stream"),
-            (b"content-length", str(parsed.size).encode()),
-        ]
+        head = response_head(parsed, date, self.default_max_age)
         await self._send(stream, conn, h11.Response(status_code=200, headers=head))
         if req.method == b"GET":
             await self._send_body(stream, conn, parsed)

@@ -115,14 +115,22 @@ class BodyCheck:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Check the next piece of the body."""
+        if not self.ok:
+            return
+        if self.received + len(data) > self.size:
+            self.ok = False
+            return
+        if isinstance(data, bytes) and len(data) <= BLOCK_BYTES:
+            # The common case, a received chunk: one copy of the expected bytes and a memcmp
+            # (memoryview == memoryview would compare item by item).
+            start = (self._offset + self.received) % BLOCK_BYTES
+            self.ok = data == _DOUBLE[start : start + len(data)].tobytes()
+            self.received += len(data)
+            return
         view = memoryview(data)
         while view and self.ok:
-            if self.received + len(view) > self.size:
-                self.ok = False
-                return
             start = (self._offset + self.received) % BLOCK_BYTES
             n = min(len(view), BLOCK_BYTES)
-            # bytes == bytes is a memcmp; memoryview == memoryview compares item by item.
             if bytes(view[:n]) != _DOUBLE[start : start + n].tobytes():
                 self.ok = False
             self.received += n

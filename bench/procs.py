@@ -95,11 +95,23 @@ def reset_peak_rss(pid: int) -> None:
 class Managed:
     """One server process the driver owns."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.port = port
         self.log = log
+        self.env = env  # None: inherit the driver's environment
+        self.cwd = cwd
+        self.admin_port: int | None = None  # proxychain's admin listener, when it has one
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
 
@@ -118,6 +130,8 @@ class Managed:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=self.env,
+                cwd=self.cwd,
             )
         self.started_at = time.perf_counter()
         REGISTRY.append(self)

@@ -30,13 +30,14 @@ import targets
 import trio
 from loadgen import PY_BOTTLENECK_NOTE, wrk_available
 from procs import Managed, StartError, stop_all
-from scenarios import SCENARIOS, Bench, Row
+from scenarios import HIT_SIZES, SCENARIOS, Bench, Row
 
 __all__ = ["format_table", "main"]
 
 RESULTS_DIR = targets.BENCH_DIR / "results"
-COLUMNS = ("ceiling", "origin", "nginx", "varnish", "proxychain")
-ALL_PROXIES = ("nginx", "varnish", "proxychain")
+COLUMNS = ("ceiling", "origin", "nginx", "varnish", "proxy.py", "proxychain")
+ALL_PROXIES = ("nginx", "varnish", "proxy.py", "proxychain")
+PASS_THROUGH = "proxy.py"  # no cache: only in the hits table, where it is a yardstick
 DEFAULT_DURATION_S = 10.0
 QUICK_DURATION_S = 2.0
 SCALE_SIZES = (10_000, 100_000)
@@ -57,9 +58,13 @@ def _ratio(a: float | str | None, b: float | str | None) -> str:
 
 
 def format_table(rows: list[Row], subject: str) -> str:
-    """Markdown table: one column per target, then subject / nginx and subject / ceiling."""
+    """Markdown table: one column per target, then subject / nginx and subject / ceiling, and
+    subject / proxy.py when a row has a proxy.py figure."""
     present = [c for c in COLUMNS if any(c in r.values for r in rows)]
-    head = ["scenario", "metric", *present, f"{subject} / nginx", f"{subject} / ceiling"]
+    against = ["nginx", "ceiling"]
+    if PASS_THROUGH in present and subject != PASS_THROUGH:
+        against.append(PASS_THROUGH)
+    head = ["scenario", "metric", *present, *(f"{subject} / {a}" for a in against)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     last = ""
     for r in rows:
@@ -67,10 +72,7 @@ def format_table(rows: list[Row], subject: str) -> str:
         cells += [_fmt(r.values[c]) if c in r.values else "" for c in present]
         rated = r.better != ""
         s = r.values.get(subject)
-        cells += [
-            _ratio(s, r.values.get("nginx")) if rated else "",
-            _ratio(s, r.values.get("ceiling")) if rated else "",
-        ]
+        cells += [_ratio(s, r.values.get(a)) if rated else "" for a in against]
         lines.append("| " + " | ".join(cells) + " |")
         last = r.scenario
     return "\n".join(lines)
@@ -85,17 +87,24 @@ async def _start_proxies(
 ) -> dict[str, Managed]:
     sizes = targets.CacheSizes()
     wanted = [t for t in args.targets.split(",") if t in ALL_PROXIES]
+    if PASS_THROUGH in wanted and "hits" not in args.scenarios:
+        wanted.remove(PASS_THROUGH)  # it has no cache: the other scenarios leave it out
+        print(f"skip {PASS_THROUGH}: it has no cache and runs in hits only", file=sys.stderr)
     started: dict[str, Managed] = {}
     for name in wanted:
         managed: Managed | None
+        hint = "run: bash bench/setup.sh"
         if name == "nginx":
             managed = targets.nginx(tmp, origin_port, sizes, args.nginx_workers)
         elif name == "varnish":
             managed = targets.varnish(tmp, origin_port, sizes)
+        elif name == PASS_THROUGH:
+            managed = targets.proxypy(tmp, origin_port, args.proxy_workers)
+            hint = "the PyPI package proxy.py; run: .venv/bin/pip install -e '.[bench]'"
         else:
             managed = targets.proxychain(tmp, origin_port, sizes, args.proxy_workers)
         if managed is None:
-            print(f"skip {name}: not installed (run: bash bench/setup.sh)", file=sys.stderr)
+            print(f"skip {name}: not installed ({hint})", file=sys.stderr)
             continue
         try:
             await managed.start(timeout=args.start_timeout)
@@ -150,6 +159,13 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> int:
         ceiling_processes=args.ceiling_processes,
         use_wrk=not args.python_load,
         scale_sizes=scale_sizes,
+        hit_sizes=args.hit_sizes,
+        proxy_workers=args.proxy_workers,
+        nginx_workers=args.nginx_workers,
+        gomod_runs=args.gomod_runs,
+        scale_seed=args.scale_seed,
+        seed_fsync=args.seed_fsync,
+        profile_dir=RESULTS_DIR if args.profile else None,
     )
     rows: list[Row] = []
     for name in args.scenarios:
@@ -160,10 +176,8 @@ async def _bench(args: argparse.Namespace, tmp: Path) -> int:
         if scope.cancelled_caught:
             print(f"scenario {name}: timed out after {args.scenario_timeout:g} s", file=sys.stderr)
         print(f"scenario {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    subject = (
-        "proxychain"
-        if "proxychain" in proxies
-        else ("varnish" if "varnish" in proxies else "nginx")
+    subject = next(
+        (p for p in ("proxychain", "varnish", "nginx", PASS_THROUGH) if p in proxies), "nginx"
     )
     table = format_table(rows, subject)
     print()
@@ -203,6 +217,8 @@ def _write_json(
             "wrk": shutil.which("wrk"),
             "nginx": shutil.which("nginx"),
             "varnishd": shutil.which("varnishd"),
+            "proxy.py": targets.proxypy_version(),
+            "go": shutil.which("go"),
         },
         "rows": [asdict(r) for r in rows],
         "raw": bench.raw,
@@ -211,6 +227,21 @@ def _write_json(
     }
     out.write_text(json.dumps(doc, indent=2, default=str))
     print(f"\nresults: {out.relative_to(targets.BENCH_DIR.parent)}", file=sys.stderr)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "k": 1024, "mib": 1024**2, "m": 1024**2}
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """``"1KiB,64KiB"`` -> ``(1024, 65536)`` (units: none/B, KiB/K, MiB/M)."""
+    out = []
+    for part in text.split(","):
+        number = part.strip().rstrip("BbIiKkMm")
+        unit = part.strip()[len(number) :].lower()
+        if not number.isdigit() or unit not in _SIZE_UNITS:
+            raise argparse.ArgumentTypeError(f"not a size: {part!r} (e.g. 1KiB, 64KiB, 1MiB)")
+        out.append(int(number) * _SIZE_UNITS[unit])
+    return tuple(out)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -228,6 +259,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(ALL_PROXIES),
         help="proxies to start (ceiling always runs in hits)",
     )
+    ap.add_argument(
+        "--hit-sizes",
+        type=_sizes,
+        default=HIT_SIZES,
+        help="body sizes of the hits scenario (default 1KiB,64KiB,1MiB,32MiB)",
+    )
     ap.add_argument("--duration", type=float, default=None, help="seconds per throughput run")
     ap.add_argument("--connections", type=int, default=32, help="connections for small-body runs")
     ap.add_argument(
@@ -242,6 +279,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--scale-1m", action="store_true", help="add a 1,000,000-entry step to scale (slow)"
+    )
+    ap.add_argument(
+        "--scale-seed",
+        choices=("direct", "requests"),
+        default="direct",
+        help="how scale seeds proxychain: bench/seed.py into its cache dir, or requests",
+    )
+    ap.add_argument("--seed-fsync", action="store_true", help="seed.py fsyncs every entry (slower)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy record proxychain during scale's hit runs (bench/results/pyspy-*.txt)",
+    )
+    ap.add_argument(
+        "--gomod-runs", type=int, default=3, help="repetitions of the gomod scenario (median)"
     )
     ap.add_argument(
         "--start-timeout", type=float, default=20.0, help="seconds for a server to listen"

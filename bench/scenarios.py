@@ -9,7 +9,12 @@ each scenario is described in bench/README.md.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import shutil
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +25,13 @@ import trio
 from loadgen import LoadResult, fetch, run_load, run_wrk, wrk_available
 from payload import bytes_path
 from procs import HOST, Managed, StartError, peak_rss_kib, reset_peak_rss, rss_kib
+from seed import scale_path
 
 __all__ = ["SCENARIOS", "Bench", "Row"]
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 HIT_SIZES = (KIB, 64 * KIB, MIB, 32 * MIB)
+PASS_THROUGH = "proxy.py"  # the target without a cache: hits only
 SWR_STALE_LABELS = ("STALE", "UPDATING")  # nginx calls a stale hit during a refresh UPDATING
 
 
@@ -52,27 +59,48 @@ class Bench:
     ceiling_processes: int
     use_wrk: bool
     scale_sizes: tuple[int, ...]
+    hit_sizes: tuple[int, ...] = HIT_SIZES
+    proxy_workers: int = 1  # proxychain --workers, for the instances a scenario starts itself
+    nginx_workers: int = 2
+    gomod_runs: int = 3
+    scale_seed: str = "direct"  # proxychain's scale seeding: "direct" (seed.py) or "requests"
+    seed_fsync: bool = False  # seed.py --no-fsync unless set
+    profile_dir: Path | None = None  # --profile: py-spy proxychain in scale's hit runs, here
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def caches(self) -> dict[str, Managed]:
+        """The proxies that cache: every target but the pass-through proxy.py."""
+        return {k: v for k, v in self.proxies.items() if k != PASS_THROUGH}
 
     def key(self, scenario: str, *parts: object) -> str:
         """A key tag unique to this run."""
         return "-".join([scenario, self.run_id, *map(str, parts)])
 
 
-async def origin_stats(port: int) -> dict[str, int]:
-    """The origin's (or outage stub's) counters."""
-    import json
+async def _get_json(port: int, path: str) -> Any:
+    """GET ``path`` over HTTP/1.0 from a loopback port and parse the body as JSON.
 
+    Raises:
+        trio.TooSlowError: no complete answer within 5 s.
+        OSError: the port is closed.
+        ValueError: the body is not JSON.
+    """
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream(HOST, port)
         try:
-            await stream.send_all(b"GET /__stats HTTP/1.0\r\nHost: origin\r\n\r\n")
+            await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
             data = b""
             while chunk := await stream.receive_some(65536):
                 data += chunk
         finally:
             await stream.aclose()
-    return dict(json.loads(data.partition(b"\r\n\r\n")[2]))
+    return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+async def origin_stats(port: int) -> dict[str, int]:
+    """The origin's (or outage stub's) counters."""
+    return dict(await _get_json(port, "/__stats"))
 
 
 def _delta(after: dict[str, int], before: dict[str, int], name: str) -> int:
@@ -98,8 +126,7 @@ def _record(bench: Bench, scenario: str, target: str, label: str, result: object
 async def hits(bench: Bench) -> list[Row]:
     """Fresh hits at several body sizes: throughput and latency against nginx and the ceiling."""
     rows: list[Row] = []
-    sizes = HIT_SIZES
-    for size in sizes:
+    for size in bench.hit_sizes:
         label = _size_label(size)
         conns = (
             bench.connections
@@ -170,40 +197,71 @@ def _size_label(size: int) -> str:
     return f"{size} B"
 
 
+# Miss workloads: (label, connections, requests, origin options). The loopback origin answers
+# in about a millisecond, so those rows are the proxy's own cost per miss; the WAN-like origin
+# (20 ms to the first byte, 100 Mbit/s) is what a branch-office cache sits in front of.
+_MISS_RUNS: tuple[tuple[str, int, int, dict[str, float]], ...] = (
+    ("loopback origin, c=8", 8, 200, {}),
+    ("loopback origin, one at a time", 1, 100, {}),
+    ("WAN-like origin (20 ms, 100 Mbit/s), one at a time", 1, 20, {"delay": 0.02, "rate": 12.5e6}),
+)
+
+
 async def miss(bench: Bench) -> list[Row]:
     """Cold 1 MiB fetches over distinct keys, through each proxy and straight from the origin."""
-    count = 20 if bench.quick else 200
-    conns = 8
-    rows: dict[str, dict[str, float | str]] = {}
-    servers = {"origin": bench.origin, **bench.proxies}
-    for name, server in servers.items():
-        tag = bench.key("miss")
+    out: list[Row] = []
+    for run, (label, conns, full_count, opts) in enumerate(_MISS_RUNS):
+        count = min(full_count, 20) if bench.quick else full_count
+        rows: dict[str, dict[str, float | str]] = {}
+        servers = {"origin": bench.origin, **bench.caches}
+        for name, server in servers.items():
+            tag = bench.key("miss", run)  # every run cold, for each server
 
-        def keys(tag: str = tag) -> Iterator[str]:
-            for i in range(count):
-                yield bytes_path(MIB, f"{tag}-{i}")
+            def keys(
+                tag: str = tag, opts: dict[str, float] = opts, count: int = count
+            ) -> Iterator[str]:
+                for i in range(count):
+                    yield bytes_path(MIB, f"{tag}-{i}", **opts)
 
-        before = await origin_stats(bench.origin.port)
-        res = await run_load(
-            HOST, server.port, keys, connections=conns, requests=count, check_bodies=True
-        )
-        after = await origin_stats(bench.origin.port)
-        _record(bench, "miss", name, "1MiB", res)
-        for metric, value in (
-            ("req/s", res.req_per_s),
-            ("MiB/s", res.mib_per_s),
-            ("first byte p50 ms", res.first_byte_p50_ms),
-            ("p50 ms", res.p50_ms),
-            ("p99 ms", res.p99_ms),
-            ("errors + bad bodies", res.errors),
-            ("upstream fetches", _delta(after, before, "full")),
-        ):
-            rows.setdefault(metric, {})[name] = value
-    scen = f"miss 1 MiB x{count} distinct (c={conns})"
-    better = {"req/s": "higher", "MiB/s": "higher", "p50 ms": "lower", "p99 ms": "lower"}
-    return [
-        Row(scenario=scen, metric=m, values=v, better=better.get(m, "")) for m, v in rows.items()
-    ]
+            before = await origin_stats(bench.origin.port)
+            res = await run_load(
+                HOST, server.port, keys, connections=conns, requests=count, check_bodies=True
+            )
+            after = await origin_stats(bench.origin.port)
+            _record(bench, "miss", name, f"1MiB {label}", res)
+            for metric, value in (
+                ("req/s", res.req_per_s),
+                ("MiB/s", res.mib_per_s),
+                ("first byte p50 ms", res.first_byte_p50_ms),
+                ("p50 ms", res.p50_ms),
+                ("p99 ms", res.p99_ms),
+                ("p50 / origin's p50", "")
+                if name == "origin"
+                else ("p50 / origin's p50", _times(res.p50_ms, rows["p50 ms"].get("origin"))),
+                ("errors + bad bodies", res.errors),
+                ("upstream fetches", _delta(after, before, "full")),
+            ):
+                rows.setdefault(metric, {})[name] = value
+        scen = f"miss 1 MiB x{count} distinct, {label}"
+        better = {
+            "req/s": "higher",
+            "MiB/s": "higher",
+            "p50 ms": "lower",
+            "p99 ms": "lower",
+            "p50 / origin's p50": "lower",
+        }
+        out += [
+            Row(scenario=scen, metric=m, values=v, better=better.get(m, ""))
+            for m, v in rows.items()
+        ]
+    return out
+
+
+def _times(value: float, base: float | str | None) -> str:
+    """``value / base`` as ``1.23x``, or empty when there is no base to divide by."""
+    if not isinstance(base, (int, float)) or base <= 0:
+        return ""
+    return f"{value / base:.2f}x"
 
 
 async def herd(bench: Bench) -> list[Row]:
@@ -211,7 +269,7 @@ async def herd(bench: Bench) -> list[Row]:
     clients, size = (50, 2 * MIB) if bench.quick else (500, 10 * MIB)
     fill_s = 1.0
     rows: dict[str, dict[str, float | str]] = {}
-    for name, proxy in bench.proxies.items():
+    for name, proxy in bench.caches.items():
         path = bytes_path(size, bench.key("herd", name), rate=size / fill_s)
         before = await origin_stats(bench.origin.port)
         res = await run_load(
@@ -279,7 +337,7 @@ async def outage(bench: Bench) -> list[Row]:
     keys_n, size, conns = 10, 16 * KIB, 8
     run_s = 3.0 if bench.quick else 10.0
     rows: dict[str, dict[str, float | str]] = {}
-    for name, proxy in bench.proxies.items():
+    for name, proxy in bench.caches.items():
         paths = [
             bytes_path(size, bench.key("outage", name, i), max_age=1, sie=3600)
             for i in range(keys_n)
@@ -328,7 +386,7 @@ async def swr(bench: Bench) -> list[Row]:
     """A hot key with max-age=1, stale-while-revalidate=60: stale-hit latency, refresh traffic."""
     run_s, conns, max_age = (3.0 if bench.quick else 10.0), 4, 1
     rows: dict[str, dict[str, float | str]] = {}
-    for name, proxy in bench.proxies.items():
+    for name, proxy in bench.caches.items():
         path = bytes_path(4 * KIB, bench.key("swr", name), max_age=max_age, swr=60)
         await fetch(HOST, proxy.port, path)
         before = await origin_stats(bench.origin.port)
@@ -366,7 +424,7 @@ async def stream1g(bench: Bench) -> list[Row]:
     """One cold huge body: throughput, and the proxy's peak memory (VmHWM) while it streams."""
     size = 64 * MIB if bench.quick else GIB
     rows: dict[str, dict[str, float | str]] = {}
-    for name, server in {"origin": bench.origin, **bench.proxies}.items():
+    for name, server in {"origin": bench.origin, **bench.caches}.items():
         path = bytes_path(size, bench.key("big", name))
         reset_peak_rss(server.pid)
         baseline = rss_kib(server.pid)  # a warm memory tier is not growth
@@ -402,55 +460,172 @@ async def stream1g(bench: Bench) -> list[Row]:
 
 
 async def scale(bench: Bench) -> list[Row]:
-    """Hit latency and time-to-first-hit after a restart with many small entries on disk."""
+    """Restart time, time-to-first-hit and hit latency with many small entries on disk."""
     rows: list[Row] = []
-    persistent = {k: v for k, v in bench.proxies.items() if k != "varnish"}
+    persistent = {k: v for k, v in bench.caches.items() if k != "varnish"}
     seeded = dict.fromkeys(persistent, 0)
     hit_s = 2.0 if bench.quick else 5.0
     for n in bench.scale_sizes:
         values: dict[str, dict[str, float | str]] = {}
         for name, proxy in persistent.items():
             tag = bench.key("scale", name)
-
-            def keys(start: int = seeded[name], stop: int = n, tag: str = tag) -> Iterator[str]:
-                for i in range(start, stop):
-                    yield bytes_path(512, f"{tag}-{i}")
-
+            direct = name == "proxychain" and bench.scale_seed == "direct"
             t0 = trio.current_time()
             if n > seeded[name]:
-                await run_load(
-                    HOST,
-                    proxy.port,
-                    keys,
-                    connections=16,
-                    requests=n - seeded[name],
-                    request_timeout=10,
-                )
+                if direct:
+                    await _seed_direct(bench, proxy, tag, seeded[name], n)
+                else:
+                    await _seed_requests(proxy, tag, seeded[name], n)
             seeded[name] = n
             seed_s = trio.current_time() - t0
+            # Right after a restart (the direct seeding's start is one): the proxies' work
+            # after a start (nginx's cache loader, proxychain's index scan) runs meanwhile.
             rng = random.Random(n)
-            sample = [bytes_path(512, f"{tag}-{rng.randrange(n)}") for _ in range(2000)]
-            res = await run_load(HOST, proxy.port, sample, connections=8, duration=hit_s)
-            _record(bench, "scale", name, f"{n}", res)
+            sample = [scale_path(tag, rng.randrange(n)) for _ in range(SCALE_SAMPLE)]
             ready_s, first_hit_s = await _restart_until_hit(proxy, sample[0])
-            for metric, value in (
+            indexed: list[float | str] = []
+            async with trio.open_nursery() as nursery:
+                if proxy.admin_port is not None:  # proxychain: when its disk index is whole
+                    nursery.start_soon(_until_indexed, proxy, n, indexed)
+                    nursery.start_soon(_py_spy, bench, proxy, hit_s, f"scale-{n}-restart")
+                res = await run_load(HOST, proxy.port, sample, connections=8, duration=hit_s)
+            _record(bench, "scale", name, f"{n}", res)
+            figures: list[tuple[str, float | str]] = [
+                ("seeded by", f"seed.py x{SEED_PROCESSES}" if direct else "requests"),
                 ("seeding s", round(seed_s, 1)),
-                ("hit p99 ms", res.p99_ms),
-                ("hit share %", round(100 * res.x_cache.get("HIT", 0) / max(res.requests, 1), 1)),
                 ("restart: port open s", ready_s),
                 ("restart: first HIT s", first_hit_s),
-            ):
+                ("hit p50 ms, after restart", res.p50_ms),
+                ("hit p99 ms, after restart", res.p99_ms),
+                ("hit share %", round(100 * res.x_cache.get("HIT", 0) / max(res.requests, 1), 1)),
+            ]
+            if indexed:  # proxychain: hits again, once the index is whole
+                rng = random.Random(n + 1)
+                again = [scale_path(tag, rng.randrange(n)) for _ in range(SCALE_SAMPLE)]
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_py_spy, bench, proxy, hit_s, f"scale-{n}-indexed")
+                    res2 = await run_load(HOST, proxy.port, again, connections=8, duration=hit_s)
+                _record(bench, "scale", name, f"{n}-indexed", res2)
+                figures += [
+                    ("restart: disk index complete s", indexed[0]),
+                    ("hit p99 ms, index complete", res2.p99_ms),
+                ]
+            figures.append(("RSS MiB, all processes", round(rss_kib(proxy.pid) / 1024, 1)))
+            for metric, value in figures:
                 values.setdefault(metric, {})[name] = value
+        values = dict(sorted(values.items(), key=lambda mv: SCALE_METRICS.index(mv[0])))
         if "varnish" in bench.proxies:
             for v in values.values():
                 v["varnish"] = "n/a (memory storage)"
-        better = {"hit p99 ms": "lower", "restart: first HIT s": "lower"}
+        better = {
+            "hit p50 ms, after restart": "lower",
+            "hit p99 ms, after restart": "lower",
+            "hit p99 ms, index complete": "lower",
+            "restart: first HIT s": "lower",
+        }
         scen = f"scale {n:,} entries on disk (512 B)"
         rows += [
             Row(scenario=scen, metric=m, values=v, better=better.get(m, ""))
             for m, v in values.items()
         ]
     return rows
+
+
+SCALE_SAMPLE = 2000  # random seeded keys per hit run
+SCALE_METRICS = (
+    "seeded by",
+    "seeding s",
+    "restart: port open s",
+    "restart: first HIT s",
+    "hit p50 ms, after restart",
+    "hit p99 ms, after restart",
+    "hit share %",
+    "restart: disk index complete s",
+    "hit p99 ms, index complete",
+    "RSS MiB, all processes",
+)
+SEED_PROCESSES = 2  # seed.py processes writing proxychain's cache at once (one per core)
+SEED_TIMEOUT_S = 3600.0
+INDEX_TIMEOUT_S = 600.0
+
+
+async def _seed_requests(proxy: Managed, tag: str, start: int, stop: int) -> None:
+    """Seed ``[start, stop)`` by requesting each key through ``proxy`` (any on-disk format)."""
+
+    def keys() -> Iterator[str]:
+        for i in range(start, stop):
+            yield scale_path(tag, i)
+
+    await run_load(
+        HOST, proxy.port, keys, connections=16, requests=stop - start, request_timeout=10
+    )
+
+
+async def _seed_direct(bench: Bench, proxy: Managed, tag: str, start: int, stop: int) -> None:
+    """Stop proxychain and write ``[start, stop)`` into its cache dir with :mod:`seed`
+    (proxychain's own storage API), in :data:`SEED_PROCESSES` processes.
+
+    Raises:
+        RuntimeError: a seeder failed (its output is in the message).
+    """
+    proxy.stop()
+    cache = targets.proxychain_cache_dir(bench.tmp)
+    log = bench.tmp / "seed.log"
+    argv = [sys.executable, str(targets.BENCH_DIR / "seed.py"), f"--cache-dir={cache}"]
+    argv += [f"--tag={tag}", f"--start={start}", f"--stop={stop}", f"--shards={SEED_PROCESSES}"]
+    argv += [f"--max-bytes={targets.CacheSizes().disk_gib * GIB}"]
+    if not bench.seed_fsync:
+        argv.append("--no-fsync")
+    with trio.fail_after(SEED_TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            for shard in range(SEED_PROCESSES):
+                nursery.start_soon(_run_seeder, [*argv, f"--shard={shard}"], log)
+
+
+async def _run_seeder(argv: list[str], log: Path) -> None:
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    with log.open("ab") as out:
+        out.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"seed.py exited {done.returncode}: {done.stderr.decode()[-2000:]}")
+
+
+async def _py_spy(bench: Bench, proxy: Managed, seconds: float, label: str) -> None:
+    """With ``--profile``: ``py-spy record`` the proxy for ``seconds`` into
+    ``bench/results/pyspy-<run>-<label>.txt`` (raw collapsed stacks, summarise them with
+    ``bench/pyspy_top.py``). A py-spy that is missing or fails is reported, not fatal."""
+    if bench.profile_dir is None:
+        return
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = bench.profile_dir / f"pyspy-{bench.run_id}-{label}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [exe, "record", f"--pid={proxy.pid}", f"--duration={max(1, round(seconds))}"]
+    argv += ["--rate=200", "--format=raw", f"--output={out}", "--nonblocking"]
+    try:
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    except OSError as exc:
+        print(f"py-spy: {exc}", file=sys.stderr)
+        return
+    if done.returncode != 0:
+        print(f"py-spy {label}: {done.stderr.decode(errors='replace')[-500:]}", file=sys.stderr)
+    else:
+        print(f"py-spy {label}: {out}", file=sys.stderr)
+
+
+async def _until_indexed(proxy: Managed, n: int, out: list[float | str]) -> None:
+    """Append the seconds from ``proxy``'s spawn until its disk tier has indexed ``n``
+    entries (polling its admin stats every 0.25 s; bounded by :data:`INDEX_TIMEOUT_S`)."""
+    assert proxy.admin_port is not None
+    with trio.move_on_after(INDEX_TIMEOUT_S):
+        while True:
+            with contextlib.suppress(OSError, ValueError, KeyError, trio.TooSlowError):
+                stats = await _get_json(proxy.admin_port, "/admin/stats")
+                disk = next(t for t in stats["tiers"] if t["name"] == "disk")
+                if int(disk["entries"]) >= n:
+                    out.append(round(time.perf_counter() - proxy.started_at, 2))
+                    return
+            await trio.sleep(0.25)
+    out.append(f">{INDEX_TIMEOUT_S:g}")
 
 
 async def _restart_until_hit(
@@ -474,6 +649,13 @@ async def _restart_until_hit(
     return ready, f">{limit_s:g}"
 
 
+async def gomod(bench: Bench) -> list[Row]:
+    """Cold and warm ``go mod download``: see :mod:`gomodbench`."""
+    import gomodbench
+
+    return await gomodbench.gomod(bench)
+
+
 Scenario = Callable[[Bench], Awaitable[list[Row]]]
 SCENARIOS: dict[str, Scenario] = {
     "hits": hits,
@@ -483,4 +665,5 @@ SCENARIOS: dict[str, Scenario] = {
     "swr": swr,
     "stream1g": stream1g,
     "scale": scale,
+    "gomod": gomod,
 }

@@ -14,13 +14,20 @@ directory so nothing outside it is read or written:
 * ``varnish``: ``varnishd -F`` with ``-s malloc,<memory>`` and a minimal VCL that adds
   ``X-Cache`` and honours ``stale-if-error`` as grace while the origin's health probe fails
   (Varnish reads ``stale-while-revalidate`` as grace by itself);
-* ``proxychain``: ``python -m proxychain serve --config <toml>`` with the same cache sizes.
+* ``proxy.py``: the PyPI package ``proxy.py`` as a pass-through reverse proxy (no cache) in
+  front of the origin, through :mod:`proxypy_upstream` (its bundled reverse-proxy plugin has
+  hard-coded routes), ``--threaded`` (its default threadless mode drops a keep-alive
+  connection's second request: the worker's selector fails with ``FileNotFoundError``);
+* ``proxychain``: ``python -m proxychain serve --config <toml>`` with the same cache sizes;
+* ``static_files``: ``python -m http.server`` over a directory (the gomod scenario's upstream).
 """
 
 from __future__ import annotations
 
 import getpass
 import grp
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -36,6 +43,10 @@ __all__ = [
     "nginx",
     "origin",
     "proxychain",
+    "proxychain_cache_dir",
+    "proxypy",
+    "proxypy_version",
+    "static_files",
     "varnish",
 ]
 
@@ -119,14 +130,19 @@ http {{
 """
 
 
-def nginx(tmp: Path, origin_port: int, sizes: CacheSizes, workers: int) -> Managed | None:
-    """nginx ``proxy_cache`` in front of the origin; ``None`` if nginx is not installed."""
+def nginx(
+    tmp: Path, origin_port: int, sizes: CacheSizes, workers: int, *, name: str = "nginx"
+) -> Managed | None:
+    """nginx ``proxy_cache`` in front of the origin; ``None`` if nginx is not installed.
+
+    ``name`` names its home under ``tmp`` (config, cache, logs), so several can run at once.
+    """
     binary = shutil.which("nginx") or (
         "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
     )
     if binary is None:
         return None
-    home = tmp / "nginx"
+    home = tmp / name
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     user = ""
@@ -146,7 +162,7 @@ def nginx(tmp: Path, origin_port: int, sizes: CacheSizes, workers: int) -> Manag
         )
     )
     argv = [binary, "-p", str(home), "-c", str(conf), "-e", str(home / "nginx-error.log")]
-    return Managed("nginx", argv, port, tmp / "nginx.log")
+    return Managed("nginx", argv, port, tmp / f"{name}.log")
 
 
 _VCL = """\
@@ -251,30 +267,105 @@ memory_max = "{memory_mib}MiB"
 disk_max = "{disk_gib}GiB"
 
 [[route]]
-prefix = "/"
+prefix = "{prefix}"
+kind = "{kind}"
 upstreams = "http://127.0.0.1:{origin_port}"
 """
 
 
 def proxychain(
-    tmp: Path, origin_port: int, sizes: CacheSizes, workers: int, port: int | None = None
+    tmp: Path,
+    origin_port: int,
+    sizes: CacheSizes,
+    workers: int,
+    port: int | None = None,
+    *,
+    name: str = "proxychain",
+    prefix: str = "/",
+    kind: str = "http",
 ) -> Managed:
-    """proxychain through its CLI with a temp config and cache dir (kept across restarts)."""
-    home = tmp / "proxychain"
+    """proxychain through its CLI with a temp config and cache dir (kept across restarts).
+
+    One route, ``prefix`` of ``kind``, to the origin; ``name`` names its home under ``tmp``.
+    """
+    home = tmp / name
     (home / "cache").mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    admin_port = free_port()
     config = home / "proxychain.toml"
     config.write_text(
         _PROXYCHAIN_TOML.format(
             port=port,
-            admin_port=free_port(),
+            admin_port=admin_port,
             cache_dir=home / "cache",
             memory_mib=sizes.memory_mib,
             disk_gib=sizes.disk_gib,
             origin_port=origin_port,
+            prefix=prefix,
+            kind=kind,
         )
     )
     argv = [sys.executable, "-m", "proxychain", "serve", "--config", str(config)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Managed("proxychain", argv, port, tmp / "proxychain.log")
+    managed = Managed("proxychain", argv, port, tmp / f"{name}.log")
+    managed.admin_port = admin_port
+    return managed
+
+
+def proxychain_cache_dir(tmp: Path, name: str = "proxychain") -> Path:
+    """The cache dir :func:`proxychain` configures for ``name``."""
+    return tmp / name / "cache"
+
+
+def proxypy_version() -> str | None:
+    """The installed ``proxy.py`` distribution's version, or ``None`` when it is missing."""
+    try:
+        version = importlib.metadata.version("proxy.py")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return version if importlib.util.find_spec("proxy") is not None else None
+
+
+def proxypy(tmp: Path, origin_port: int, workers: int) -> Managed | None:
+    """proxy.py as a pass-through reverse proxy in front of the origin (no cache), or ``None``
+    when the ``proxy.py`` package is not installed (``pip install -e '.[bench]'``).
+
+    ``--threaded`` with ``workers`` acceptor processes (each serves its connections on
+    threads); logging at WARNING, as the other targets run without an access log.
+    """
+    if proxypy_version() is None:
+        return None
+    port = free_port()
+    env = dict(os.environ)
+    env[_PROXYPY_ENV] = f"http://127.0.0.1:{origin_port}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
+    argv = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "--hostname=127.0.0.1",
+        f"--port={port}",
+        "--threaded",
+        f"--num-acceptors={max(1, workers)}",
+        f"--num-workers={max(1, workers)}",
+        "--enable-reverse-proxy",
+        "--rewrite-host-header",
+        "--disable-http-proxy",
+        "--plugins=proxypy_upstream.UpstreamReverseProxy",
+        "--log-level=WARNING",
+        f"--pid-file={tmp / 'proxypy.pid'}",
+        "--backlog=1024",
+    ]
+    return Managed("proxy.py", argv, port, tmp / "proxypy.log", env=env, cwd=tmp)
+
+
+_PROXYPY_ENV = "PROXYCHAIN_BENCH_UPSTREAM"  # read by proxypy_upstream.UpstreamReverseProxy
+
+
+def static_files(tmp: Path, root: Path, name: str = "static") -> Managed:
+    """``python -m http.server`` over ``root`` on a free loopback port (404 when missing)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    argv += ["--directory", str(root)]
+    return Managed(name, argv, port, tmp / f"{name}.log")

@@ -12,9 +12,17 @@ Theory of operation:
   the event that was current when it last looked).
 * A waiter falls back to its own fetch when the leader's response is not storable, when it has
   no body file to follow, when the stored variant does not match its own request, or when the
-  head does not arrive within the coalescing timeout. It never gets an error because of this
-  machinery: if the fill fails before the waiter sent anything, it fetches on its own; if it
-  fails after, the waiter's transfer is aborted (never a short "complete" body).
+  head does not arrive within the coalescing timeout. If the fill ends before the waiter sent
+  anything, the fill's outcome decides: a fill that failed because the upstream failed (the
+  leader's ``UpstreamError``, kept as ``FillState.error``) gives each waiter that same error,
+  which the waiter answers as it would its own (a stale copy where stale-if-error allows, an
+  honest 502/504 otherwise) instead of asking a failing upstream again, so concurrent requests
+  for a key make one upstream fetch even when it fails; any other failure (the leader's client
+  left, the fill was cancelled) sends the waiter to fetch on its own. A fill that fails after
+  the waiter started sending aborts the waiter's transfer (never a short "complete" body).
+* Revalidations coalesce the same way: the leader's conditional request registers a fill;
+  a 304 ends it as finished with the freshened entry, and its waiters serve that entry from
+  the store; a 200 is followed like any fill.
 * Waiters share their reads: a piece of the temp file read for one waiter is kept (a bounded
   window of recent pieces) and handed, as the same ``bytes`` object, to every waiter that
   reaches that offset, so a herd of N waiters costs one file read per piece instead of N.
@@ -36,6 +44,7 @@ from typing import BinaryIO
 import trio
 
 from .entry import Entry
+from .errors import UpstreamError
 from .http import ResponseHead
 
 __all__ = ["Fill", "FillRegistry", "FillState"]
@@ -66,6 +75,11 @@ class FillState:
     failed: bool = False
     storable: bool = False
     expected: int | None = None  # the body's length, when the upstream announced it
+    # The whole body arrived (some of it may still wait in the writer's batch for the commit).
+    arrived: bool = False
+    # The upstream failure that ended the fill before any head was published: its waiters got
+    # nothing from it, and share this answer instead of asking the failing upstream again.
+    error: UpstreamError | None = None
 
 
 @dataclass(eq=False)
@@ -75,8 +89,18 @@ class Fill:
     key: str
     state: FillState = field(default_factory=FillState)
     waiters: int = 0
+    # The leader's client has the whole body and the commit runs in the background: the commit
+    # task, not the leader's request, ends the fill.
+    committing_in_background: bool = False
+    # Purged or invalidated (an unsafe method, another worker's purge) while filling: what
+    # was fetched before that is served to the clients already reading it, but not kept.
+    invalidated: bool = False
+    # What a revalidation fill validates (the leader's ``Stored``, compared by identity), so
+    # that a 304 for that very lookup, and no other, ends the fill as freshened.
+    validating: object | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
     _head_known: trio.Event = field(default_factory=trio.Event)
+    _ended_event: trio.Event = field(default_factory=trio.Event)
     _pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes read there
     _pieces_size: int = 0
     _reading: dict[int, trio.Event] = field(default_factory=dict)  # offset -> read under way
@@ -111,18 +135,35 @@ class Fill:
         ):
             self._notify()
 
+    def body_arrived(self) -> None:
+        """The leader has the whole body; only writing its last batch and the commit remain."""
+        self.state.arrived = True
+
     def finish(self, entry: Entry | None) -> None:
+        """The fill ended well: ``entry`` is committed (or freshened by a 304) in the store."""
         if entry is not None:
             self.state.entry = entry
             # The committed body is whole, including bytes the writer held back for a batch.
             self.state.written = max(self.state.written, entry.body_size)
         self.state.finished = True
         self._head_known.set()
+        self._ended_event.set()
         self._notify()
 
-    def fail(self) -> None:
+    def fail(self, error: UpstreamError | None = None) -> None:
+        """The fill ended without a usable answer; a no-op once it has ended.
+
+        ``error`` is kept for the waiters only when no head was published: a failure after the
+        head (a body cut short) aborts the waiters that follow it, and says nothing about
+        whether a fetch of their own would fail too.
+        """
+        if self._ended():
+            return
+        if self.state.head is None:
+            self.state.error = error
         self.state.failed = True
         self._head_known.set()
+        self._ended_event.set()
         self._notify()
 
     def _notify(self) -> None:
@@ -135,6 +176,10 @@ class Fill:
     async def wait_head(self) -> None:
         """Wait until the head is known (or the fill ended without one)."""
         await self._head_known.wait()
+
+    async def wait_end(self) -> None:
+        """Wait until the fill has finished or failed."""
+        await self._ended_event.wait()
 
     async def open_follower(self) -> BinaryIO | None:
         """Open the fill's temp file for reading, or ``None`` if it is gone (committed/aborted).
@@ -244,7 +289,25 @@ class FillRegistry:
         self._fills: dict[str, Fill] = {}
 
     def get(self, key: str) -> Fill | None:
-        return self._fills.get(key)
+        """The open fill of ``key`` a request may join (not one invalidated meanwhile)."""
+        fill = self._fills.get(key)
+        return None if fill is None or fill.invalidated else fill
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def invalidate(self, key: str | None = None, url_prefix: str | None = None) -> list[Fill]:
+        """Mark the fill of ``key``, or of every URL under ``url_prefix``, as invalidated;
+        returns the fills marked."""
+        marked = []
+        for fill in self._fills.values():
+            entry = fill.state.entry
+            if fill.key == key or (
+                url_prefix is not None and entry is not None and entry.url.startswith(url_prefix)
+            ):
+                fill.invalidated = True
+                marked.append(fill)
+        return marked
 
     def start(self, key: str) -> Fill:
         fill = Fill(key)

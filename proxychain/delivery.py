@@ -7,6 +7,7 @@ memory slices for memory hits, from the disk tier in large chunks otherwise.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -27,6 +28,9 @@ MEMORY_WRITE_MAX_BYTES = 4 * 1024 * 1024
 # Disk bodies from this size go out by os.sendfile (no copy through Python, no read calls);
 # below it a read and a write cost less than the extra worker-thread round trip.
 SENDFILE_MIN_BYTES = 1024 * 1024
+# Per-response field sets remembered (Age values times X-Cache outcomes and tiers).
+RESPONSE_FIELDS_REMEMBERED = 1024
+_WHOLE = ranges.Full()  # the answer to a request without Range
 
 
 async def serve_stored(
@@ -45,18 +49,21 @@ async def serve_stored(
         await sink.end()
         return
     size = entry.body_size
-    plan = ranges.evaluate(
-        request.method,
-        request.headers,
-        size=size,
-        status=entry.status,
-        stored_headers=entry.headers,
-    )
+    plan: ranges.RangeDecision = _WHOLE  # what ranges.evaluate answers without a Range
+    if "range" in request.headers:
+        plan = ranges.evaluate(
+            request.method,
+            request.headers,
+            size=size,
+            status=entry.status,
+            stored_headers=entry.headers,
+        )
     send_body = request.method != "HEAD"
     if isinstance(plan, ranges.Full):
-        # The common case: the stored head goes out as bytes serialised once per entry.
-        prepared = _prepared_head(entry, tuple(name for name, _ in extra))
-        await sink.start_prepared(prepared, Headers([("age", policy.age_field(age)), *extra]))
+        # The common case: the stored head goes out as bytes serialised once per entry, and
+        # the fields added to it are one shared object per Age value (serialised once too).
+        prepared = _prepared_head(entry, extra)
+        await sink.start_prepared(prepared, _response_fields(policy.age_field(age), extra))
         if send_body and size:
             if stored.body is not None and size <= MEMORY_WRITE_MAX_BYTES:
                 await sink.send(stored.body)
@@ -119,19 +126,25 @@ async def _send_file(store: Store, stored: Stored, sink: H11Sink) -> None:
         await _send_whole(store, stored, sink)
 
 
-def _prepared_head(entry: Entry, extra_names: tuple[str, ...]) -> PreparedHead:
-    """The stored head for a whole-body answer, without ``Age`` and the ``extra_names``."""
+def _prepared_head(entry: Entry, extra: Headers) -> PreparedHead:
+    """The stored head for a whole-body answer, without ``Age`` and the fields of ``extra``."""
 
     def build(stored: Headers) -> PreparedHead:
-        headers = stored.remove("age", *extra_names)
+        headers = stored.remove("age", *(name for name, _ in extra))
         if _has_body(entry.status):
             headers = headers.set("content-length", str(entry.body_size))
         if entry.status == 200:
             headers = headers.set("accept-ranges", "bytes")
         return prepare(entry.status, entry.reason, headers)
 
-    memo_key = (_prepared_head, entry.status, entry.reason, entry.body_size, extra_names)
+    memo_key = (_prepared_head, entry.status, entry.reason, entry.body_size, extra)
     return entry.headers.memo(memo_key, build)
+
+
+@functools.lru_cache(maxsize=RESPONSE_FIELDS_REMEMBERED)
+def _response_fields(age: str, extra: Headers) -> Headers:
+    """``Age`` followed by ``extra``: the fields a stored head gets per response."""
+    return Headers([("age", age), *extra])
 
 
 def _has_body(status: int) -> bool:

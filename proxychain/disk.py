@@ -27,11 +27,14 @@ the last rename wins, identical bodies share one name, and a reader that already
 keeps reading its inode.
 
 *No full scan at startup.* ``lookup`` goes straight to the key's directory. Eviction needs an
-LRU order of everything on disk; a background task builds it by scanning one ``objects/<aa>``
-directory per worker-thread call, placing what it discovers behind everything this process has
-used (oldest metadata mtime first), then enforces the byte budget. Until the scan finishes the
-budget is enforced over what is known. A periodic rescan picks up entries other processes
-committed and forgets the ones they evicted; each process keeps its own recency.
+LRU order of everything on disk; a background task builds it from directory listings and
+``stat`` alone (sizes of both files, mtime of the metadata), a few hundred key directories per
+worker-thread call, and reads a metadata file only where the listing looks odd (no body or
+several for a variant, metadata too short to be valid). It keeps just key, variant, size and
+mtime per entry, places what it discovers behind everything this process has used (oldest
+metadata mtime first), then enforces the byte budget. Until the scan finishes the budget is
+enforced over what is known. A periodic rescan picks up entries other processes committed and
+forgets the ones they evicted; each process keeps its own recency.
 
 *Crash leftovers.* Temp files carry the writer's pid; on open, temp files of dead processes
 (or older than a day) are removed. Unreadable or inconsistent metadata is dropped and logged,
@@ -53,6 +56,7 @@ import os
 import re
 import secrets
 import shutil
+from array import array
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
@@ -86,7 +90,7 @@ META_VERSION = 1
 # Concurrent file operations; fsync-heavy commits should not starve reads of trio's default 40.
 DEFAULT_DISK_THREADS = 16
 DEFAULT_CHUNK_BYTES = 1 << 20  # bytes per read system call: what counts for big bodies
-WRITE_BATCH_BYTES = 1 << 20  # a fill's chunks gathered per worker-thread call
+WRITE_BATCH_BYTES = 2 << 20  # a fill's chunks gathered per worker-thread call
 WRITE_BATCH_INTERVAL = 0.050  # seconds; a chunk this long after the last write goes at once
 DEFAULT_RESCAN_INTERVAL = 300.0  # seconds between index rescans (other processes' changes)
 # A commit renames the body, then the metadata, microseconds apart; an unreferenced body older
@@ -345,10 +349,8 @@ def _unlink_if_unchanged(path: Path, data: bytes) -> bool | None:
     return True
 
 
-def _read_key_dir(
-    key_dir: Path, key: str, orphan_cutoff: float | None = None
-) -> tuple[list[Found], list[Problem]]:
-    """Every valid entry of one key; with ``orphan_cutoff``, also remove old orphan bodies."""
+def _read_key_dir(key_dir: Path, key: str) -> tuple[list[Found], list[Problem]]:
+    """Every valid entry of one key (the index scan uses :func:`_stat_key_dir` instead)."""
     try:
         names = os.listdir(key_dir)
     except (FileNotFoundError, NotADirectoryError):
@@ -360,36 +362,114 @@ def _read_key_dir(
             item, problem = _read_entry(key_dir, name, key)
             found.extend([item] if item else [])
             problems.extend([problem] if problem else [])
-    if orphan_cutoff is not None:
-        wanted = {_body_name(e.variant, e.sha256) for e, _, _ in found}
-        for name in names:
-            path = key_dir / name
-            with suppress(FileNotFoundError):
-                orphan = name.endswith(".body") and name not in wanted
-                if orphan and path.stat().st_mtime < orphan_cutoff:
-                    path.unlink()
     return found, problems
 
 
-def _scan_prefix(
-    prefix_dir: Path, orphan_cutoff: float | None
-) -> tuple[list[Found], list[Problem]]:
+def _scan_prefix(prefix_dir: Path) -> tuple[list[Found], list[Problem]]:
+    """Every valid entry under one ``objects/<aa>``, decoded (for ``iter_entries``)."""
     found: list[Found] = []
     problems: list[Problem] = []
-    try:
-        key_dirs = sorted(os.listdir(prefix_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return found, problems
-    for key in key_dirs:
-        if _HEX.fullmatch(key) and key.startswith(prefix_dir.name):
-            more, bad = _read_key_dir(prefix_dir / key, key, orphan_cutoff)
-            found += more
-            problems += bad
+    for key in _list_key_dirs(prefix_dir):
+        more, bad = _read_key_dir(prefix_dir / key, key)
+        found += more
+        problems += bad
     return found, problems
 
 
 def _list_prefixes(objects: Path) -> list[Path]:
     return sorted(p for p in objects.iterdir() if re.fullmatch(r"[0-9a-f]{2}", p.name))
+
+
+# ---- the index scan (blocking helpers, worker threads only) ----------------------------------
+
+# One entry the index scan found: key, variant, bytes on disk (metadata + body), metadata mtime.
+Scanned = tuple[str, str, int, float]
+SCAN_BATCH_KEYS = 256  # key directories per worker-thread call of the index scan
+SCAN_MERGE_BATCH = 2048  # found entries indexed between checkpoints of the event loop
+# No valid metadata is shorter than this (the smallest key, sha256 and numbers there are).
+_MIN_META_BYTES = len(encode_meta(Entry(key="00", sha256="0" * 64)))
+
+
+def _list_key_dirs(prefix_dir: Path) -> list[str]:
+    """The key directory names under one ``objects/<aa>``, sorted."""
+    try:
+        names = os.listdir(prefix_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    prefix = prefix_dir.name
+    return sorted(n for n in names if n.startswith(prefix) and _HEX.fullmatch(n))
+
+
+def _stat_key_dir(
+    key_dir: Path, key: str, orphan_cutoff: float
+) -> tuple[list[Scanned], list[Problem]]:
+    """What the index needs of one key's entries, from the directory listing and ``stat``.
+
+    An entry looks sound when its metadata is not implausibly short and exactly one body of
+    its variant lies beside it: its footprint is then the two files' sizes and nothing is
+    read (``lookup`` validates the metadata on use). Anything else (no body, several bodies,
+    a short or vanishing file) is read and checked as ``lookup`` does, and dropped when
+    inconsistent. Bodies no metadata can name, or that the checked metadata does not name,
+    are removed once older than ``orphan_cutoff``.
+    """
+    try:
+        with os.scandir(key_dir) as listing:
+            files = {e.name: e for e in listing}
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    metas: list[str] = []  # variant names ("_" for none) that have metadata
+    bodies: dict[str, list[str]] = {}  # variant name -> its body file names
+    for name in files:
+        if name.endswith(".meta"):
+            vname = name[:-5]
+            if vname == "_" or _HEX.fullmatch(vname):
+                metas.append(vname)
+        elif name.endswith(".body"):
+            bodies.setdefault(name.split(".", 1)[0], []).append(name)
+    found: list[Scanned] = []
+    problems: list[Problem] = []
+    wanted: set[str] = set()
+    for vname in sorted(metas):
+        variant = "" if vname == "_" else vname
+        candidates = bodies.get(vname, ())
+        if len(candidates) == 1:
+            try:
+                meta = files[f"{vname}.meta"].stat()
+                body_size = files[candidates[0]].stat().st_size
+            except FileNotFoundError:
+                pass  # changed under us: look closer
+            else:
+                if meta.st_size >= _MIN_META_BYTES:
+                    found.append((key, variant, meta.st_size + body_size, meta.st_mtime))
+                    wanted.add(candidates[0])
+                    continue
+        item, problem = _read_entry(key_dir, f"{vname}.meta", key)
+        if item is not None:
+            entry, size, mtime = item
+            found.append((key, variant, size, mtime))
+            wanted.add(_body_name(variant, entry.sha256))
+        if problem is not None:
+            problems.append(problem)
+    for names in bodies.values():
+        for name in names:
+            if name not in wanted:
+                with suppress(FileNotFoundError):
+                    if files[name].stat().st_mtime < orphan_cutoff:
+                        os.unlink(files[name].path)
+    return found, problems
+
+
+def _stat_key_dirs(
+    prefix_dir: Path, keys: list[str], orphan_cutoff: float
+) -> tuple[list[Scanned], list[Problem]]:
+    """:func:`_stat_key_dir` over a batch of one prefix's key directories."""
+    found: list[Scanned] = []
+    problems: list[Problem] = []
+    for key in keys:
+        more, bad = _stat_key_dir(prefix_dir / key, key, orphan_cutoff)
+        found += more
+        problems += bad
+    return found, problems
 
 
 def _remove_files(key_dir: Path, variants: Iterable[str] | None) -> list[str]:
@@ -648,26 +728,56 @@ class DiskTier:
     async def _scan(self) -> None:
         start = self._seq
         self._removed_while_scanning = set()
-        found: list[Found] = []
+        # What was found, kept compact until the whole tier is seen: the (key, variant) tuples
+        # become the index's keys; sizes and metadata mtimes are machine numbers.
+        ikeys: list[_IndexKey] = []
+        sizes = array("q")
+        mtimes = array("d")
         try:
-            cutoff = await self._run(_fs_now, self._tmp) - ORPHAN_GRACE_SECONDS
-            for prefix in await self._run(_list_prefixes, self._objects):
-                more, problems = await self._run(_scan_prefix, prefix, cutoff)
-                self._note_problems(problems)
-                found += more
-        except OSError:
-            logger.exception("disk tier index scan of %s failed", self.root)
-            return
+            try:
+                cutoff = await self._run(_fs_now, self._tmp) - ORPHAN_GRACE_SECONDS
+                for prefix in await self._run(_list_prefixes, self._objects):
+                    keys = await self._run(_list_key_dirs, prefix)
+                    for i in range(0, len(keys), SCAN_BATCH_KEYS):
+                        batch = keys[i : i + SCAN_BATCH_KEYS]
+                        more, problems = await self._run(_stat_key_dirs, prefix, batch, cutoff)
+                        self._note_problems(problems)
+                        for key, variant, size, mtime in more:
+                            ikeys.append((key, variant))
+                            sizes.append(size)
+                            mtimes.append(mtime)
+            except OSError:
+                logger.exception("disk tier index scan of %s failed", self.root)
+                return
+            await self._merge_scan(start, ikeys, sizes, mtimes)
         finally:
-            removed, self._removed_while_scanning = self._removed_while_scanning, None
-        seen = {(e.key, e.variant) for e, _, _ in found}
-        # Newest first, each pushed to the LRU end: the oldest metadata ends up evicted first.
-        for entry, size, _ in sorted(found, key=lambda f: f[2], reverse=True):
-            if (entry.key, entry.variant) not in removed:
-                self._index_put((entry.key, entry.variant), size, recent=False)
-        for ikey, (_, seq) in list(self._index.items()):
-            if seq < start and ikey not in seen:
-                self._index_drop(ikey)  # another process removed it
+            self._removed_while_scanning = None
+
+    async def _merge_scan(
+        self, start: int, ikeys: list[_IndexKey], sizes: array[int], mtimes: array[float]
+    ) -> None:
+        """Index what a scan found behind everything used meanwhile, oldest metadata first,
+        and forget what was indexed before the scan and is no longer on disk."""
+        removed = self._removed_while_scanning or set()
+        # Newest first, each pushed to the LRU end: the oldest metadata ends up evicted first
+        # (ties keep the scan's order, as a stable sort does).
+        order = sorted(range(len(ikeys)), key=mtimes.__getitem__, reverse=True)
+        still = self._seq  # found again: stamped as seen by this scan, its place kept
+        self._seq += 1
+        for n, i in enumerate(order):
+            if n % SCAN_MERGE_BATCH == SCAN_MERGE_BATCH - 1:
+                await trio.lowlevel.checkpoint()
+            ikey = ikeys[i]
+            if ikey in removed:
+                continue
+            old = self._index.get(ikey)
+            if old is None:
+                self._index_put(ikey, sizes[i], recent=False)
+            elif old[1] < start:
+                self._index[ikey] = (old[0], still)
+        gone = [ikey for ikey, (_, seq) in self._index.items() if seq < start]
+        for ikey in gone:
+            self._index_drop(ikey)  # another process removed it
 
     async def _index_loop(self, rescan_interval: float | None) -> None:
         while True:
@@ -808,7 +918,7 @@ class DiskTier:
     async def iter_entries(self) -> AsyncGenerator[Entry, None]:
         """Every stored entry (corrupt metadata is dropped and logged on the way)."""
         for prefix in await self._run(_list_prefixes, self._objects):
-            found, problems = await self._run(_scan_prefix, prefix, None)
+            found, problems = await self._run(_scan_prefix, prefix)
             self._note_problems(problems)
             for entry, _, _ in found:
                 yield entry
@@ -829,9 +939,10 @@ class DiskTier:
         ghost that counts against the budget.
         """
         ikey = (entry.key, entry.variant)
-        old = self._index.get(ikey)
-        if old is not None:
-            self._index_put(ikey, old[0], recent=True)
+        if ikey in self._index:
+            # Its size is unchanged, and its sequence number only tells a scan what was
+            # registered after it started, which a hit does not do.
+            self._index.move_to_end(ikey)
 
     def statistics(self) -> DiskStatistics:
         """A frozen snapshot of sizes and counters."""

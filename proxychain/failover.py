@@ -35,7 +35,9 @@ ever retried once response bytes may have reached the client. Rules, in order:
    came back) on an idempotent request retries the *same* upstream up to
    ``RetryPolicy.max_retries`` times after a backoff delay, whatever the separator: staying on
    the same upstream leaks nothing. No retry once that failure opened the breaker, nor when
-   the delay would pass the deadline. Then it is an error like the others.
+   the delay would pass the deadline. Then it is an error like the others. The breaker is
+   asked again when the retry is due (``retry_at``; rule 1): if other requests' failures
+   opened it during the backoff, the walk ends there.
 4. An error (TLS, timeout, malformed response, spent retries) or a 5xx answer moves on after
    ``|`` and ends the walk after ``,`` or on the final hop. Errors, 502, 503 and 504 count
    against the breaker; 500 and every 4xx are answers and count as successes (RFC 9110 §15.6).
@@ -258,6 +260,7 @@ class _Progress:
     hop: int = 0
     retry: int = 0
     delay: float = 0.0
+    delay_from: float = 0.0  # when the retry ``delay`` was scheduled (by ``record``)
     attempts: int = 0
     pending: Attempt | None = None
     used: bool = False
@@ -330,7 +333,7 @@ class ChainWalk:
                 p.attempts += 1
                 p.pending = Attempt(
                     upstream_url=hop.url,
-                    delay_before=p.delay,
+                    delay_before=self._delay_left(now),
                     attempt_no=p.attempts,
                     hop=p.hop,
                     retry=p.retry,
@@ -395,7 +398,7 @@ class ChainWalk:
             if may_retry and self._idempotent and attempt.retry < self._retry.max_retries:
                 delay = self._retry.backoff.delay(attempt.retry, self._rng)
                 if now + delay < self.deadline:
-                    p.retry, p.delay = attempt.retry + 1, delay
+                    p.retry, p.delay, p.delay_from = attempt.retry + 1, delay, now
                     return verdict
             verdict = Verdict.NEXT_ERROR
         if hop.fallthrough == "any" and has_next:
@@ -421,6 +424,28 @@ class ChainWalk:
             self._finish(504, "request deadline exceeded")
         else:
             self._finish(502, f"attempt to upstream {attempt.upstream_url} abandoned")
+
+    @property
+    def retry_at(self) -> float | None:
+        """When the retry :meth:`record` scheduled is due, or ``None`` if nothing waits.
+
+        A shell that sleeps until then *before* calling :meth:`next` lets the breaker judge
+        the retry when it is made, not when it was scheduled: failures of other requests during
+        the backoff may have opened it, and the walk then ends at once (rule 1) instead of
+        sending one more request to an upstream known to be down. The shell may also stop
+        waiting early, when the breaker opens.
+        """
+        p = self._p
+        if p.pending is not None or p.used or p.result is not None or p.delay <= 0:
+            return None
+        return p.delay_from + p.delay
+
+    def _delay_left(self, now: float) -> float:
+        """What remains of the retry delay at ``now`` (all of it when asked at once)."""
+        due = self.retry_at
+        if due is None or now >= due:
+            return 0.0
+        return self._p.delay - (now - self._p.delay_from)
 
     @property
     def chain_ends_off(self) -> bool:

@@ -123,6 +123,7 @@ class Route:
         self.file_pools: dict[str, UpstreamPool] = {
             base: pool(base) for base in map(file_host_base, settings.file_hosts)
         }
+        self._opened: dict[str, trio.Event] = {}  # upstream -> set when its breaker next opens
         immutable_default = settings.kind in _IMMUTABLE_KINDS
         self.policy = policy.RoutePolicy(
             negative_ttl=settings.negative_ttl,
@@ -183,6 +184,21 @@ class Route:
         lookup = goproxy.sumdb_lookup_module(path)
         return path if lookup is None else "/" + lookup[0]
 
+    def breaker_opened(self, upstream: str) -> trio.Event:
+        """An event set the next time ``upstream``'s breaker opens."""
+        event = self._opened.get(upstream)
+        if event is None:
+            event = self._opened[upstream] = trio.Event()
+        return event
+
+    def state_changed(self, upstream: str, change: StateChange) -> None:
+        """Told of every breaker transition (:func:`log_state_change`): wakes the waits of
+        :meth:`breaker_opened` when ``upstream``'s breaker opens."""
+        if change.new is BreakerState.OPEN:
+            event = self._opened.pop(upstream, None)
+            if event is not None:
+                event.set()
+
     async def aclose(self) -> None:
         for pool in (*self.pools.values(), *self.file_pools.values()):
             await pool.aclose()
@@ -219,8 +235,9 @@ def probe_due_change(was: BreakerState, breaker: Breaker, now: float) -> StateCh
 
 
 def log_state_change(route: Route, upstream: str, change: StateChange | None) -> None:
-    """Log a breaker transition and tell the route's observer."""
+    """Log a breaker transition and tell the route (and its observer)."""
     if change is not None:
+        route.state_changed(upstream, change)
         if route.observer is not None:
             route.observer.breaker_change(upstream, change)
         log.warning(
@@ -280,7 +297,11 @@ async def fetch_through_chain(
         exclude=exclude,
     )
     failures: list[Exception] = []
+    last: str | None = None  # the upstream of the previous attempt
     while True:
+        due = walk.retry_at
+        if due is not None and last is not None:
+            await _wait_for_retry(route, breakers.get(last), last, due)
         before = {url: breaker.state for url, breaker in breakers.items()}
         now = clock.monotonic()
         step = walk.next(now)
@@ -295,6 +316,7 @@ async def fetch_through_chain(
             raise error
         if step.delay_before > 0:
             await trio.sleep(step.delay_before)
+        last = step.upstream_url
         pool = pools[step.upstream_url]
         started = clock.monotonic()
         cm = pool.request(request, body=tracked)
@@ -341,6 +363,19 @@ async def fetch_through_chain(
         async with _exit_with(cm):
             yield FetchResult(step.upstream_url, response)
         return
+
+
+async def _wait_for_retry(route: Route, breaker: Breaker | None, upstream: str, due: float) -> None:
+    """Sleep until a retry of ``upstream`` is due, or only until its breaker opens.
+
+    Other requests' failures during the backoff may open the breaker; the walk then refuses
+    the retry (``failover`` rule 1), and the client gets its 502 when the breaker opens rather
+    than a backoff later.
+    """
+    if breaker is not None and breaker.state is BreakerState.OPEN:
+        return
+    with trio.move_on_at(due):
+        await route.breaker_opened(upstream).wait()
 
 
 def _upstream_done(route: Route, upstream: str, outcome: int | ErrorKind, took: float) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_HEURISTIC_FRACTION",
     "HEURISTICALLY_CACHEABLE",
     "age_value",
+    "corrected_initial_age",
     "current_age",
     "date_value",
     "explicit_lifetime",
@@ -140,14 +141,23 @@ def freshness_lifetime(
     return 0.0 if heuristic is None else heuristic
 
 
-def current_age(entry: Entry, now: float) -> float:
-    """RFC 9111 §4.2.3 current age of ``entry`` at wall time ``now``, in seconds (never < 0)."""
+def corrected_initial_age(entry: Entry) -> float:
+    """RFC 9111 §4.2.3 ``corrected_initial_age`` of ``entry``: its age when it arrived."""
     apparent_age = max(0.0, entry.response_time - date_value(entry.headers, entry.response_time))
     response_delay = max(0.0, entry.response_time - entry.request_time)
     corrected_age_value = age_value(entry.headers) + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return max(apparent_age, corrected_age_value)
+
+
+def current_age(entry: Entry, now: float, *, initial_age: float | None = None) -> float:
+    """RFC 9111 §4.2.3 current age of ``entry`` at wall time ``now``, in seconds (never < 0).
+
+    ``initial_age`` is :func:`corrected_initial_age` when the caller already knows it.
+    """
+    if initial_age is None:
+        initial_age = corrected_initial_age(entry)
     resident_time = max(0.0, now - entry.response_time)
-    return corrected_initial_age + resident_time
+    return initial_age + resident_time
 
 
 def _window(cc: CacheControl, name: str) -> float | None:

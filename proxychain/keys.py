@@ -144,4 +144,12 @@ def matches(
     wanted = dict(entry_vary)
     for name in forced:
         wanted.setdefault(name.lower(), ABSENT)
-    return vary_values(request_headers, wanted) == wanted
+    if not wanted:
+        return True
+    names = tuple(wanted)
+    # Remembered with the request's fields: a client repeats its header block request after
+    # request (the server shares one Headers object per block).
+    return (
+        request_headers.memo((matches, names), functools.partial(vary_values, names=names))
+        == wanted
+    )

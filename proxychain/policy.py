@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urljoin, urlsplit
 
 from . import freshness, keys
@@ -267,8 +268,14 @@ class Fail:
 
 def request_cacheability(request: Request) -> RequestDirectives:
     """Classify ``request`` and parse its cache directives; never raises on bad input."""
-    method = request.method.upper()
-    headers = request.headers
+    # Remembered with the fields: a client repeats its header block request after request
+    # (the server shares one Headers object per block).
+    return request.headers.memo(
+        (request_cacheability, request.method), partial(_directives, request.method.upper())
+    )
+
+
+def _directives(method: str, headers: Headers) -> RequestDirectives:
     cc = parse_cache_control(headers)
     no_cache = "no-cache" in cc
     if "cache-control" not in headers:
@@ -337,10 +344,41 @@ def effective_lifetime(
 
 
 def _selectable(entry: Entry, request: Request, route: RoutePolicy) -> bool:
-    names = keys.vary_names(entry.head)
+    if "vary" not in entry.headers:
+        if not entry.vary and not route.forced_vary:
+            return True  # nothing to match: the common case, decided without building sets
+        names: tuple[str, ...] | None = ()
+    else:
+        names = keys.vary_names(entry.head)
     if names is None:
         return False
     return keys.matches(entry.vary, request.headers, (*route.forced_vary, *names))
+
+
+@dataclass(frozen=True, slots=True)
+class _Freshness:
+    """What :func:`lookup` derives from a stored entry and the route knobs alone: worked out
+    once per entry (see :func:`_freshness`), not on every hit."""
+
+    lifetime: float  # effective_lifetime
+    initial_age: float  # freshness.corrected_initial_age
+    cc: CacheControl
+
+
+def _freshness(entry: Entry, route: RoutePolicy, override: Override | None) -> _Freshness:
+    def compute(headers: Headers) -> _Freshness:
+        lifetime = effective_lifetime(
+            entry.status, headers, entry.response_time, route=route, override=override
+        )
+        initial_age = freshness.corrected_initial_age(entry)
+        return _Freshness(lifetime, initial_age, parse_cache_control(headers))
+
+    # Kept with the entry's fields; everything else it depends on is in the key.
+    key = (_freshness, entry.status, entry.request_time, entry.response_time, route, override)
+    return entry.headers.memo(key, compute)
+
+
+_DEFAULT_ROUTE = RoutePolicy()
 
 
 def lookup(
@@ -361,7 +399,7 @@ def lookup(
     Returns:
         One of :data:`LookupDecision`; see the module docstring for the order.
     """
-    route = route or RoutePolicy()
+    route = route or _DEFAULT_ROUTE
     d = request_cacheability(request)
     if not d.use_cache:
         return Miss(reason="method or preconditions not answerable from cache")
@@ -370,12 +408,11 @@ def lookup(
         if d.only_if_cached:
             return GatewayTimeout(reason="only-if-cached and nothing stored")
         return Miss(reason="no stored response matches")
-    entry = max(matching, key=lambda e: e.response_time)
-    age = freshness.current_age(entry, now)
-    lifetime = effective_lifetime(
-        entry.status, entry.headers, entry.response_time, route=route, override=override
-    )
-    cc = parse_cache_control(entry.headers)
+    entry = matching[0] if len(matching) == 1 else max(matching, key=_recency)
+    known = _freshness(entry, route, override)
+    age = freshness.current_age(entry, now, initial_age=known.initial_age)
+    lifetime = known.lifetime
+    cc = known.cc
     relaxed = math.isinf(lifetime) and route.ignore_client_no_cache
 
     def must_validate(reason: str) -> LookupDecision:

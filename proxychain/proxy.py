@@ -30,7 +30,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import BinaryIO, assert_never
 
 import trio
@@ -63,6 +63,10 @@ log = logging.getLogger("proxychain.proxy")
 # Background revalidations running at once, across all keys: a burst of stale hits after an
 # outage must not turn into a burst of upstream requests.
 MAX_BACKGROUND_REVALIDATIONS = 16
+# Target resolutions remembered (Proxy._resolve): a few hundred bytes each.
+RESOLVED_TARGETS = 4096
+# How long an invalidation waits for a commit of its key under way (a flush and an fsync).
+COMMIT_WAIT_SECONDS = 10.0
 # Fields a cache fill must not forward: the fill asks for the whole, current representation.
 _CLIENT_CONDITIONALS = (
     "if-none-match",
@@ -88,6 +92,18 @@ class _Lookup:
     file_host: str | None = None  # a PyPI file host to fetch from instead of the chain
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Target:
+    """What a route-relative GET/HEAD target resolves to (see :meth:`Proxy._resolve`)."""
+
+    upstream_target: str
+    url: str
+    key: str
+    path_class: mirror.PathClass
+    file_host: str | None
+    override: policy.Override | None
+
+
 class Proxy:
     """Serves requests for a set of routes out of a store, filling it from upstream chains."""
 
@@ -100,6 +116,7 @@ class Proxy:
         routes: list[Route],
         observer: Observer,
         digests: DigestBook | None = None,
+        commits: trio.Nursery | None = None,
     ) -> None:
         self.settings = settings
         self.digests = digests if digests is not None else DigestBook(None)
@@ -110,10 +127,12 @@ class Proxy:
             f"proxychain-{socket.gethostname()}-{settings.server.port}"
         )
         self._nursery = nursery
+        self._commits = commits or nursery
         self.purge_log: PurgeLog | None = None
         self.listening = False  # the data plane accepts connections (readiness)
         self._fills = FillRegistry()
         self._revalidating: set[str] = set()
+        self._targets: dict[tuple[Route, str], _Target] = {}  # see _resolve
         self._revalidation_limiter = trio.CapacityLimiter(MAX_BACKGROUND_REVALIDATIONS)
         self.observer = observer
         for route in self.routes:
@@ -135,8 +154,9 @@ class Proxy:
         """Remove one URL (every variant) or every URL under a prefix, from both tiers."""
         removed = 0
         if url is not None:
-            removed += await self.store.remove(keys.primary_key("GET", self._key_url(url)))
+            removed += await self._invalidate(keys.primary_key("GET", self._key_url(url)))
         if prefix is not None:
+            self._fills.invalidate(url_prefix=prefix)
             removed += await self.store.purge_prefix(prefix)
         if self.purge_log is not None:
             await self.purge_log.append(Purge(url=url, prefix=prefix))
@@ -145,10 +165,30 @@ class Proxy:
     def forget(self, purge: Purge) -> None:
         """Drop a purge made by another worker from this worker's memory tier."""
         if purge.url is not None:
-            self.store.memory.remove(keys.primary_key("GET", self._key_url(purge.url)))
+            key = keys.primary_key("GET", self._key_url(purge.url))
+            self._fills.invalidate(key=key)
+            self.store.memory.remove(key)
         if purge.prefix is not None:
             prefix = purge.prefix
+            self._fills.invalidate(url_prefix=prefix)
             self.store.memory.remove_where(lambda entry: entry.url.startswith(prefix))
+
+    async def _invalidate(self, key: str) -> int:
+        """Remove ``key`` from both tiers; returns how many entries went.
+
+        A fill of the key still arriving is marked, so that it is served but not kept; one
+        whose body is being committed is waited for first (briefly: its client has it all),
+        so that nothing it publishes outlives the removal.
+        """
+        for fill in self._fills.invalidate(key=key):
+            if fill.committing_in_background:
+                with trio.move_on_after(COMMIT_WAIT_SECONDS):
+                    await fill.wait_end()
+        return await self.store.remove(key)
+
+    def fills_open(self) -> int:
+        """Fills under way, including commits of bodies already served."""
+        return len(self._fills)
 
     def breaker_statistics(self) -> dict[str, BreakerStatistics]:
         """Breaker state of every upstream of every route, by upstream URL."""
@@ -270,7 +310,7 @@ class Proxy:
                 authority=request.headers.get("host") or "",
             )
             for url in policy.invalidations(client_view, head):
-                await self.store.remove(keys.primary_key("GET", self._key_url(url)))
+                await self._invalidate(keys.primary_key("GET", self._key_url(url)))
 
     # ---- GET / HEAD ---------------------------------------------------------------------------
 
@@ -283,28 +323,21 @@ class Proxy:
         sink: H11Sink,
         exchange: Exchange,
     ) -> None:
-        path = relative.split("?", 1)[0]
-        path_class = mirror.classify(route.settings.kind, path)
-        if isinstance(path_class, ProxyChainError):
-            raise path_class
-        path_class = package_fill.keyed_path_class(route.settings.kind, path_class)
-        query = relative[len(path) :]
-        file_host, upstream_path = packages.upstream_target(route.settings, path_class.key_path)
-        url = route.settings.prefix + path_class.key_path.lstrip("/") + query
+        target = self._resolve(route, relative)
         at = _Lookup(
             route,
             request,
             client,
-            upstream_path + query,
-            url,
-            keys.primary_key("GET", url),
-            path_class,
-            file_host,
+            target.upstream_target,
+            target.url,
+            target.key,
+            target.path_class,
+            target.file_host,
         )
         candidates = await self.store.lookup(at.key)
         now = self.clock.wall()
         decision = policy.lookup(
-            request, [c.entry for c in candidates], now, route.policy, route.override(path_class)
+            request, [c.entry for c in candidates], now, route.policy, target.override
         )
         match decision:
             case policy.Fresh(entry=entry, age=age):
@@ -331,6 +364,40 @@ class Proxy:
             case _:
                 assert_never(decision)
 
+    def _resolve(self, route: Route, relative: str) -> _Target:
+        """Where ``relative`` (a path and query below ``route``'s prefix) is keyed and fetched.
+
+        A pure function of its arguments, remembered for the last ``RESOLVED_TARGETS``
+        targets resolved: a repeated hit skips classifying, canonicalising and hashing its URL.
+
+        Raises:
+            MalformedPath: the path is malformed for the route's protocol (404).
+        """
+        memo_key = (route, relative)
+        target = self._targets.get(memo_key)
+        if target is not None:
+            return target
+        path = relative.split("?", 1)[0]
+        path_class = mirror.classify(route.settings.kind, path)
+        if isinstance(path_class, ProxyChainError):
+            raise path_class
+        path_class = package_fill.keyed_path_class(route.settings.kind, path_class)
+        query = relative[len(path) :]
+        file_host, upstream_path = packages.upstream_target(route.settings, path_class.key_path)
+        url = route.settings.prefix + path_class.key_path.lstrip("/") + query
+        target = _Target(
+            upstream_target=upstream_path + query,
+            url=url,
+            key=keys.primary_key("GET", url),
+            path_class=path_class,
+            file_host=file_host,
+            override=route.override(path_class),
+        )
+        if len(self._targets) >= RESOLVED_TARGETS:
+            del self._targets[next(iter(self._targets))]  # the oldest
+        self._targets[memo_key] = target
+        return target
+
     async def _serve(
         self,
         at: _Lookup,
@@ -342,8 +409,9 @@ class Proxy:
     ) -> None:
         exchange.tier = stored.tier
         self.store.touch(stored)
-        extra = Headers([("x-cache", outcome), ("x-cache-tier", stored.tier)])
-        await serve_stored(self.store, stored, age, at.request, sink, extra)
+        await serve_stored(
+            self.store, stored, age, at.request, sink, _cache_fields(outcome, stored.tier)
+        )
 
     # ---- fills --------------------------------------------------------------------------------
 
@@ -355,18 +423,33 @@ class Proxy:
         *,
         validate: tuple[Stored, Headers] | None,
     ) -> None:
-        """Fetch ``at`` from upstream (conditionally when ``validate``), coalesced per key."""
+        """Fetch ``at`` from upstream (conditionally when ``validate``), coalesced per key.
+
+        A miss or a revalidation that finds a fill or revalidation of its key in flight waits
+        for it (:meth:`_follow`) instead of asking the upstream too. When that fill failed
+        because the upstream did, this request answers from the same error: a revalidation as
+        the policy says (the stale copy where stale-if-error allows), a miss with the 502/504.
+        """
         fill = self._fills.get(at.key)
-        if fill is not None and validate is None and await self._follow(at, fill, sink, exchange):
-            return
+        if fill is not None:
+            try:
+                if await self._follow(at, fill, sink, exchange):
+                    return
+            except (AllUpstreamsFailed, UpstreamError) as exc:  # the leader's, shared
+                if validate is None:
+                    raise
+                await self._upstream_failed(at, validate[0], exc, sink, exchange)
+                return
         fill = self._fills.start(at.key) if self._fills.get(at.key) is None else None
+        if fill is not None and validate is not None:
+            fill.validating = validate[0]  # a 304 for it ends the fill (``_freshened``)
         try:
             try:
                 await self._fetch_and_store(at, sink, exchange, fill, validate)
             except _Refetch:
                 await self._fetch_and_store(at, sink, exchange, fill, None)
         finally:
-            if fill is not None:
+            if fill is not None and not fill.committing_in_background:
                 if not (fill.state.finished or fill.state.failed):
                     fill.fail()
                 self._fills.end(fill)
@@ -384,7 +467,12 @@ class Proxy:
 
         A single byte range is answered 206 as soon as its bytes are written (RFC 9110 §14),
         without waiting for the rest of the fill. A buffered fill (``package_fill.py``)
-        publishes no head until it has committed: its waiters are then served from the store.
+        publishes no head until it has committed, and a revalidation answered 304 none at all:
+        their waiters are served the committed (or freshened) entry from the store.
+
+        Raises:
+            UpstreamError: the fill ended, before publishing a head, because the upstream
+                failed; this is a copy of the leader's error, for the caller to answer with.
         """
         fill.waiters += 1
         if coalesced:
@@ -395,16 +483,11 @@ class Proxy:
             if waited.cancelled_caught:
                 return False
             state = fill.state
+            if state.failed and state.head is None and state.error is not None:
+                raise _shared_error(state.error)
             if state.finished and state.entry is not None and not state.failed:
-                # Already committed: the store has it now.
-                for stored in await self.store.lookup(at.key):
-                    if stored.entry.variant == state.entry.variant and keys.matches(
-                        stored.entry.vary, at.request.headers, at.path_class.forced_vary
-                    ):
-                        exchange.outcome = "HIT"
-                        await self._serve(at, stored, 0.0, "HIT", sink, exchange)
-                        return True
-                return False
+                # Already committed (or freshened by a 304): the store has it now.
+                return await self._serve_committed(at, state.entry, sink, exchange, coalesced)
             head = state.head
             if (
                 head is None
@@ -415,17 +498,25 @@ class Proxy:
                 return False
             file = await fill.open_follower()
             if file is None:
+                # The temp file is gone: renamed by the commit (the store has the entry, or
+                # is about to) or removed by an abort. The fill's end tells which.
+                with trio.move_on_after(at.route.settings.coalesce_timeout):
+                    await fill.wait_end()
+                if state.finished and state.entry is not None and not state.failed:
+                    return await self._serve_committed(at, state.entry, sink, exchange, coalesced)
                 return False
             # A body that had wholly arrived before this request came is a hit (only the commit
             # was pending); one still arriving is that fill's miss, shared.
-            complete = state.expected is not None and state.written >= state.expected
+            complete = state.arrived or (
+                state.expected is not None and state.written >= state.expected
+            )
             exchange.outcome = "HIT" if complete else "MISS"
             exchange.detail = "coalesced" if coalesced else ""
-            head = ResponseHead(
-                status=head.status,
-                reason=head.reason,
-                headers=head.headers.set("x-cache", exchange.outcome),
-            )
+            headers = head.headers.set("x-cache", exchange.outcome)
+            if complete:
+                exchange.tier = "fill"  # the whole body, read from the fill's file
+                headers = headers.set("x-cache-tier", "fill")
+            head = ResponseHead(status=head.status, reason=head.reason, headers=headers)
             try:
                 await self._send_followed(at, fill, file, head, sink)
             finally:
@@ -434,6 +525,22 @@ class Proxy:
             return True
         finally:
             fill.waiters -= 1
+
+    async def _serve_committed(
+        self, at: _Lookup, entry: Entry, sink: H11Sink, exchange: Exchange, coalesced: bool
+    ) -> bool:
+        """Serve the entry a fill committed, from the store; False if it is not there (evicted,
+        purged, or another variant than this request's)."""
+        for stored in await self.store.lookup(at.key):
+            if stored.entry.variant == entry.variant and keys.matches(
+                stored.entry.vary, at.request.headers, at.path_class.forced_vary
+            ):
+                exchange.outcome = "HIT"
+                exchange.detail = "coalesced" if coalesced else ""
+                age = freshness.current_age(stored.entry, self.clock.wall())
+                await self._serve(at, stored, age, "HIT", sink, exchange)
+                return True
+        return False
 
     async def _send_followed(
         self, at: _Lookup, fill: Fill, file: BinaryIO, head: ResponseHead, sink: H11Sink
@@ -546,30 +653,46 @@ class Proxy:
                     raise refused  # a file host has no alternative
                 exclude |= {refused.upstream}
         except (AllUpstreamsFailed, UpstreamError) as exc:
+            if fill is not None:
+                # Ended before this request's own answer: waiters answer from the error now.
+                fill.fail(exc)
             if (sink is not None and sink.started) or validate is None:
                 raise
-            # RFC 5861 §4 / RFC 9111 §4.2.4: the policy decides between a stale copy and an
-            # error (504 where the stored response forbids stale use).
-            stored = validate[0]
-            decision = policy.on_upstream_error(
-                stored.entry,
-                at.request,
-                self.clock.wall(),
-                at.route.policy,
-                at.route.override(at.path_class),
-                exc.status_hint,
-            )
-            match decision:
-                case policy.ServeStale(age=age):
-                    await self._serve_stale_on_error(at, (stored, age), sink, exchange)
-                case policy.Fail(status=status, reason=reason):
-                    if status == exc.status_hint:
-                        raise
-                    raise UpstreamError(
-                        f"{exc.reason}; {reason}", upstream=exchange.upstream, status_hint=status
-                    ) from exc
-                case _:
-                    assert_never(decision)
+            await self._upstream_failed(at, validate[0], exc, sink, exchange)
+
+    async def _upstream_failed(
+        self,
+        at: _Lookup,
+        stored: Stored,
+        exc: UpstreamError,
+        sink: H11Sink | None,
+        exchange: Exchange,
+    ) -> None:
+        """Answer a revalidation of ``stored`` whose upstream failed with ``exc`` (its own
+        attempt's error, or the one its fill's leader got).
+
+        RFC 5861 §4 / RFC 9111 §4.2.4: the policy decides between a stale copy and an error
+        (504 where the stored response forbids stale use).
+        """
+        decision = policy.on_upstream_error(
+            stored.entry,
+            at.request,
+            self.clock.wall(),
+            at.route.policy,
+            at.route.override(at.path_class),
+            exc.status_hint,
+        )
+        match decision:
+            case policy.ServeStale(age=age):
+                await self._serve_stale_on_error(at, (stored, age), sink, exchange)
+            case policy.Fail(status=status, reason=reason):
+                if status == exc.status_hint:
+                    raise exc
+                raise UpstreamError(
+                    f"{exc.reason}; {reason}", upstream=exchange.upstream, status_hint=status
+                ) from exc
+            case _:
+                assert_never(decision)
 
     def _may_serve_stale(self, at: _Lookup, validate: tuple[Stored, Headers]) -> bool:
         decision = policy.on_upstream_error(
@@ -605,6 +728,7 @@ class Proxy:
         match outcome:
             case policy.Freshen(entry=entry):
                 await self.store.update_meta(entry)
+                self._revalidated(at, stored, entry)
                 fresh = Stored(entry=entry, tier=stored.tier, body=stored.body)
                 exchange.outcome = "REVALIDATED"
                 if sink is not None:
@@ -618,6 +742,14 @@ class Proxy:
                 raise _Refetch
             case _:
                 assert_never(outcome)
+
+    def _revalidated(self, at: _Lookup, stored: Stored, entry: Entry) -> None:
+        """A 304 freshened ``stored`` into ``entry``: end the revalidation fill validating that
+        very lookup, so its waiters serve the fresh entry now, not after the leader's client
+        has been sent it."""
+        fill = self._fills.get(at.key)
+        if fill is not None and fill.validating is stored:
+            fill.finish(entry)
 
     def _fill_request(self, at: _Lookup, validate: tuple[Stored, Headers] | None) -> Request:
         """The GET a fill sends upstream: the cache's own validators, never the client's."""
@@ -686,7 +818,11 @@ class Proxy:
             )
             if plan is not None:
                 return await self._buffered_fill(at, plan, result, entry, sink, exchange, fill)
-        writer = await self.store.open_writer(at.key, entry.variant) if storable else None
+        # Batched: the body's chunks go to the temp file a batch per worker-thread call (waiters
+        # follow ``bytes_written``), the last batch with the commit.
+        writer = (
+            await self.store.open_writer(at.key, entry.variant, batched=True) if storable else None
+        )
         outcome = "MISS" if storable else "BYPASS"
         client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), outcome)
         if fill is not None:
@@ -711,11 +847,19 @@ class Proxy:
                     client_ok = await _try(sink.send(chunk))
                 if not client_ok and sink is not None and not self._keep_filling(route, fill):
                     raise ClientGone("client left; fill abandoned")
+            if fill is not None:
+                fill.body_arrived()
             if client_ok and sink is not None:
-                # The client has it all; the commit (fsync, rename) need not delay it. A
-                # request arriving meanwhile joins the fill, which stays open until then.
                 await _try(sink.end())
-            if writer is not None:
+            if writer is not None and sink is not None:
+                # The client has it all: the commit (last batch, fsync, rename) runs in the
+                # background, so its connection goes on to its next request at once. Requests
+                # for the key meanwhile join the fill, which stays open until the commit ends.
+                if fill is not None:
+                    fill.committing_in_background = True
+                self._commits.start_soon(self._commit_in_background, writer, entry, expected, fill)
+                writer = None
+            elif writer is not None:
                 committed = await self._commit(writer, entry, expected, fill)
             elif fill is not None:
                 fill.finish(None)
@@ -771,11 +915,42 @@ class Proxy:
 
     async def _commit(
         self, writer: StoreWriter, entry: Entry, expected: int | None, fill: Fill | None
-    ) -> Entry:
+    ) -> Entry | None:
+        """Publish the fill's body in the store, unless it was invalidated meanwhile."""
+        if fill is not None and fill.invalidated:
+            await writer.flush()  # waiters reading it get it whole; the store does not
+            fill.publish_progress(writer.bytes_written)
+            await writer.abort()
+            fill.finish(None)
+            return None
         committed = await writer.commit(entry, expected_size=expected)
+        if fill is not None and fill.invalidated:  # while the commit ran
+            await self.store.remove(committed.key, committed.variant)
+            fill.finish(None)
+            return None
         if fill is not None:
             fill.finish(committed)
         return committed
+
+    async def _commit_in_background(
+        self, writer: StoreWriter, entry: Entry, expected: int | None, fill: Fill | None
+    ) -> None:
+        """Commit a fill whose client was served; a failure only means it is not stored."""
+        try:
+            # The last batch first, so waiters get the whole body without waiting for fsync.
+            await writer.flush()
+            if fill is not None:
+                fill.publish_progress(writer.bytes_written)
+            await self._commit(writer, entry, expected, fill)
+        except ProxyChainError as exc:
+            log.warning("%s was served but not stored: %s", entry.url, exc.reason)
+        finally:
+            with trio.CancelScope(shield=True):
+                await writer.abort()  # no-op after a commit; cleans up after a failed one
+            if fill is not None:
+                if not (fill.state.finished or fill.state.failed):
+                    fill.fail()
+                self._fills.end(fill)
 
     def _keep_filling(self, route: Route, fill: Fill | None) -> bool:
         if fill is not None and fill.waiters > 0:
@@ -798,10 +973,25 @@ class Proxy:
                 stored = next((c for c in candidates if c.entry.variant == entry.variant), None)
                 if stored is None:
                     return
+                if self._fills.get(at.key) is not None:
+                    # A fill or revalidation of the key is under way; it does this one's work.
+                    log.debug("background revalidation of %s: a fill is under way", at.url)
+                    return
                 conditional = policy.conditional_headers(stored.entry)
                 exchange = Exchange()
-                await self._fetch_and_store(at, None, exchange, None, (stored, conditional))
-                result = "not_modified" if exchange.outcome == "REVALIDATED" else "replaced"
+                # Registered like a foreground revalidation, so requests that would revalidate
+                # the key meanwhile wait for this one (``_fill``) instead of asking too.
+                fill = self._fills.start(at.key)
+                fill.validating = stored
+                try:
+                    await self._fetch_and_store(at, None, exchange, fill, (stored, conditional))
+                finally:
+                    if not fill.committing_in_background:
+                        fill.fail()  # a no-op once it has ended
+                        self._fills.end(fill)
+                result = {"REVALIDATED": "not_modified", "STALE": "failed"}.get(
+                    exchange.outcome, "replaced"
+                )
                 self.observer.revalidation(at.route.settings.prefix, result)
                 log.info("revalidated %s in the background: %s", at.url, exchange.outcome)
         except _Refetch:
@@ -883,6 +1073,23 @@ async def _try(step: Awaitable[None]) -> bool:
     return True
 
 
+def _shared_error(error: UpstreamError) -> UpstreamError:
+    """A waiter's own copy of the error its fill's leader got (one exception object is not
+    raised in several tasks: each raise would rewrite its traceback)."""
+    shared = UpstreamError(
+        error.reason, upstream=error.upstream, status_hint=error.status_hint, kind=error.kind
+    )
+    shared.__cause__ = error
+    return shared
+
+
+@cache
+def _cache_fields(outcome: str, tier: str) -> Headers:
+    """The ``X-Cache`` fields of a stored response: one shared object per outcome and tier
+    (so its serialised form is remembered with it, see ``H11Sink.start_prepared``)."""
+    return Headers([("x-cache", outcome), ("x-cache-tier", tier)])
+
+
 def _stored_for(candidates: list[Stored], entry: Entry) -> Stored:
     for stored in candidates:
         if stored.entry is entry:
@@ -926,16 +1133,21 @@ async def open_proxy(
             # Only the mirror kinds announce digests; plain HTTP routes need no file.
             mirrors = any(route.settings.kind != "http" for route in routes)
             digests = await packages.open_digest_book(cache.dir if mirrors else None)
-            proxy = Proxy(settings, store, nursery, clock, routes, observer, digests)
-            for route in proxy.routes:
-                nursery.start_soon(run_health_checks, route, clock, proxy.node_name)
-            if settings.server.workers > 1:
-                # Other workers' memory tiers learn of purges from the shared purge log.
-                proxy.purge_log = PurgeLog(cache.dir)
-                await proxy.purge_log.open()
-                nursery.start_soon(proxy.purge_log.follow, proxy.forget)
             try:
-                yield proxy
+                # Commits of bodies already served run here; leaving the block waits for them,
+                # so a graceful stop keeps what its clients were sent.
+                async with trio.open_nursery() as commits:
+                    proxy = Proxy(
+                        settings, store, nursery, clock, routes, observer, digests, commits
+                    )
+                    for route in proxy.routes:
+                        nursery.start_soon(run_health_checks, route, clock, proxy.node_name)
+                    if settings.server.workers > 1:
+                        # Other workers' memory tiers learn of purges from the shared purge log.
+                        proxy.purge_log = PurgeLog(cache.dir)
+                        await proxy.purge_log.open()
+                        nursery.start_soon(proxy.purge_log.follow, proxy.forget)
+                    yield proxy
             finally:
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):

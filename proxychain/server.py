@@ -13,12 +13,17 @@ Theory of operation:
   protocol gets h11's ``error_status_hint`` (400, 431) and the connection closes.
 * A client that goes away shows up as ``trio.BrokenResourceError`` from ``send_all``; the sink
   turns it into :class:`ClientGone` so the proxy can decide whether a cache fill continues.
+* Header and keep-alive timeouts: a connection waiting for a request head notes until when it
+  may wait, and one task (:meth:`Server.close_idle`) closes those past it, a few times per
+  timeout. No deadline is armed per request: for a small hit that would cost about as much
+  as the rest of the server's work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import os
@@ -56,6 +61,13 @@ SERVER_NAME = "proxychain"
 # A head and a body chunk up to this size go out in one write (loopback: one syscall ~ 10 us).
 COALESCE_MAX_BYTES = 64 * 1024
 WORKER_FIELD = b"x-proxychain-worker"  # names the answering process under --workers N
+# Request header blocks shared between requests (see _request_headers): how many distinct
+# blocks, and the largest shared (bigger ones are rare and would pin memory).
+SHARED_HEADER_BLOCKS = 256
+SHARED_HEADER_BLOCK_MAX_BYTES = 8 * 1024
+# Idle connections are closed within this much after their timeout (see Server.close_idle).
+IDLE_CHECK_MAX_INTERVAL = 1.0
+IDLE_CHECK_MIN_INTERVAL = 0.05
 
 
 class ClientGone(Exception):
@@ -108,12 +120,15 @@ class H11Sink:
         from the pre-serialised block when the response may skip h11 (see :func:`prepare`)."""
         conn = self._conn
         block = prepared.block
+        # The extra fields are often the same object response after response (see
+        # delivery.py), so their serialised form is remembered with them.
+        extra_lines = extra.memo(_field_lines, _field_lines)
         if (
             block is None
+            or extra_lines is None
             or conn.draining
             or not self._plain_request
             or not conn.plain_exchange()
-            or not _safe_fields(extra)
         ):
             head = prepared.head
             await self.start(
@@ -122,7 +137,7 @@ class H11Sink:
                 )
             )
             return
-        lines = [block, *(f"{n}: {v}\r\n".encode("latin-1") for n, v in extra)]
+        lines = [block, extra_lines]
         if conn.worker_field is not None:
             lines.append(b"%s: %s\r\n" % conn.worker_field)
         lines.append(b"\r\n")
@@ -255,18 +270,40 @@ class _Connection:
         self.closed = False
         self._stream_closed = False
         self.restarted = False  # a response went out without h11: the next cycle is fresh
+        # The request has no body and h11 has not been asked for its EndOfMessage yet: a
+        # response written without h11 never needs it (the next cycle starts afresh), so
+        # that step (a few % of a small hit) is only taken when h11 frames the response.
+        self.unread_empty_body = False
+        # Idle timeouts (see Server.close_idle): the connection is served inside
+        # ``idle_scope``, which is cancelled only while ``idle`` (waiting for a request head).
+        self.idle_scope = trio.CancelScope()
+        self.idle = False
+        self.idle_until = math.inf  # when waiting for the head began, plus its timeout
+        self.stopped = False  # told to stop while idle
+
+    def stop_idle(self) -> None:
+        """Close a connection waiting for a request head (timeout or shutdown)."""
+        self.stopped = True
+        self.idle_scope.cancel()
 
     def plain_exchange(self) -> bool:
         """Whether h11 has the whole HTTP/1.1 request and nothing of the response yet."""
         h = self.h11
         return (
             h.their_http_version == b"1.1"
-            and h.their_state is h11.DONE
+            and (h.their_state is h11.DONE or self.unread_empty_body)
             and h.our_state is h11.SEND_RESPONSE
         )
 
+    def read_empty_body(self) -> None:
+        """Let h11 take the request's empty body, if left unread (see ``unread_empty_body``)."""
+        if self.unread_empty_body:
+            self.unread_empty_body = False
+            self.h11.next_event()  # EndOfMessage, without reading: h11 knows the length is 0
+
     def restart_h11(self) -> None:
         """Start a fresh h11 state on whatever the client sent after the request."""
+        self.unread_empty_body = False  # h11 has not consumed anything after the head
         data, closed = self.h11.trailing_data
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_header_bytes)
         if data:
@@ -311,7 +348,8 @@ class _Connection:
 
 
 class Server:
-    """Tracks live connections so shutdown can stop idle ones and drain busy ones."""
+    """Tracks live connections so shutdown can stop idle ones and drain busy ones, and
+    enforces the idle timeouts (:meth:`close_idle`, run by ``serve``)."""
 
     def __init__(
         self,
@@ -325,7 +363,6 @@ class Server:
         self.clock = clock
         self.worker_field = None if worker_id is None else (WORKER_FIELD, worker_id.encode("ascii"))
         self.draining = False
-        self._idle_scopes: set[trio.CancelScope] = set()
         self._connections: set[_Connection] = set()
 
     def start_draining(self) -> None:
@@ -333,8 +370,21 @@ class Server:
         self.draining = True
         for conn in self._connections:
             conn.draining = True
-        for scope in list(self._idle_scopes):
-            scope.cancel()
+            if conn.idle:
+                conn.stop_idle()
+
+    async def close_idle(self) -> None:
+        """Close every connection that waited for a request head longer than its timeout
+        (header timeout for a first request, keep-alive timeout after), checking a few
+        times per timeout; runs until cancelled."""
+        interval = min(self.settings.header_timeout, self.settings.keepalive_timeout)
+        interval = min(IDLE_CHECK_MAX_INTERVAL, max(IDLE_CHECK_MIN_INTERVAL, interval / 4))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conn in self._connections:
+                if conn.idle and now >= conn.idle_until:
+                    conn.stop_idle()
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve requests on one connection until it closes."""
@@ -343,7 +393,8 @@ class Server:
         self._connections.add(conn)
         client = ClientInfo(address=_peer_address(stream))
         try:
-            await self._serve_requests(conn, client)
+            with conn.idle_scope:
+                await self._serve_requests(conn, client)
         except ClientGone:
             pass
         except Exception:
@@ -355,51 +406,58 @@ class Server:
     async def _serve_requests(self, conn: _Connection, client: ClientInfo) -> None:
         first = True
         while not conn.closed:
+            if self.draining:
+                return  # shutting down between requests
             timeout = self.settings.header_timeout if first else self.settings.keepalive_timeout
             first = False
-            with trio.CancelScope() as idle_scope:
-                idle_scope.deadline = trio.current_time() + timeout
-                self._idle_scopes.add(idle_scope)
-                if self.draining:
-                    idle_scope.cancel()
-                try:
-                    event = await conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(conn, exc)
-                    return
-                finally:
-                    self._idle_scopes.discard(idle_scope)
-            if idle_scope.cancelled_caught:
-                return  # idle timeout, or shutting down between requests
+            conn.idle_until = trio.current_time() + timeout
+            conn.idle = True
+            try:
+                event = await conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._protocol_error(conn, exc)
+                return
+            finally:
+                conn.idle = False
+            if conn.stopped:
+                return  # the timeout or the drain came as the head did: close, as just before
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
             if not isinstance(event, h11.Request):
                 return
-            if _head_size(event) > self.settings.max_header_bytes:
+            raw = event.headers.raw_items()
+            block_size = sum(map(len, itertools.chain.from_iterable(raw))) + 4 * len(raw)
+            if len(event.target) + block_size > self.settings.max_header_bytes:
                 # h11 only bounds heads that arrive incomplete; one read can bring a whole one.
                 await self._protocol_error(
                     conn, h11.RemoteProtocolError("request head too large", 431)
                 )
                 return
-            await self._serve_one(conn, client, event)
+            if block_size <= SHARED_HEADER_BLOCK_MAX_BYTES:
+                headers = _request_headers(tuple(raw))
+            else:
+                headers = Headers.from_raw(raw)
+            await self._serve_one(conn, client, event, headers)
             if not await self._next_cycle(conn):
                 return
 
-    async def _serve_one(self, conn: _Connection, client: ClientInfo, event: h11.Request) -> None:
+    async def _serve_one(
+        self, conn: _Connection, client: ClientInfo, event: h11.Request, headers: Headers
+    ) -> None:
         started = self.clock.monotonic()
         request = Request(
             method=event.method.decode("ascii"),
             target=event.target.decode("latin-1"),
-            headers=Headers.from_raw(event.headers),
+            headers=headers,
             scheme=client.scheme,
         )
         sink = H11Sink(conn, request)
         exchange = Exchange()
         body = None
-        if _has_body(event):
+        if headers.memo(_has_body, _has_body):
             body = _request_body(conn)
         else:
-            conn.h11.next_event()  # the empty body's EndOfMessage: h11 has it without reading
+            conn.unread_empty_body = True
         try:
             await self.proxy.handle(request, body, sink, client, exchange)
         except ClientGone:
@@ -430,6 +488,7 @@ class Server:
         if conn.restarted:
             conn.restarted = False
             return True
+        conn.read_empty_body()
         h = conn.h11
         if h.our_state is not h11.DONE:
             return False
@@ -555,17 +614,24 @@ class _Handler(Protocol):
     ) -> None: ...
 
 
-def _head_size(event: h11.Request) -> int:
-    return len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+@functools.lru_cache(maxsize=SHARED_HEADER_BLOCKS)
+def _request_headers(raw: tuple[tuple[bytes, bytes], ...]) -> Headers:
+    """One shared :class:`Headers` per distinct request header block.
+
+    A client sends the same block on request after request, so sharing the (immutable)
+    object means what is parsed from it (``Headers.memo``: the request's Cache-Control, its
+    values of the fields a response varies on, whether it has a body) is parsed once, not
+    per request.
+    """
+    return Headers.from_raw(raw)
 
 
-def _has_body(event: h11.Request) -> bool:
-    for name, value in event.headers:
-        if name == b"content-length":
-            return value.strip() != b"0"
-        if name == b"transfer-encoding":
-            return True
-    return False
+def _has_body(headers: Headers) -> bool:
+    """Whether a request head announces a body (h11 has checked its framing already)."""
+    if "transfer-encoding" in headers:
+        return True
+    length = headers.get("content-length")
+    return length is not None and length.strip() != "0"
 
 
 async def _request_body(conn: _Connection) -> AsyncIterator[bytes]:
@@ -656,12 +722,15 @@ def prepare(status: int, reason: str, headers: Headers) -> PreparedHead:
     return PreparedHead(fields, head[:-2], length)  # without the closing blank line
 
 
-def _safe_fields(fields: Headers) -> bool:
-    """No CR, LF or NUL anywhere in the fields (the checks h11 would make)."""
-    return not any(
+def _field_lines(fields: Headers) -> bytes | None:
+    """``fields`` as header lines, or ``None`` when one carries CR, LF or NUL (the checks h11
+    would make: no injected fields)."""
+    if any(
         "\r" in n or "\n" in n or "\0" in n or "\r" in v or "\n" in v or "\0" in v
         for n, v in fields
-    )
+    ):
+        return None
+    return b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in fields)
 
 
 @functools.cache
@@ -737,6 +806,7 @@ async def serve(
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
                 acceptors.start_soon(_accept_loop, listener, handlers, server)
+            acceptors.start_soon(server.close_idle)
             if on_listening is not None:
                 on_listening(True)
             task_status.started(port)

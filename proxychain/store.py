@@ -57,7 +57,9 @@ __all__ = [
 # cache's own bookkeeping come to a few hundred bytes in CPython.
 ENTRY_OVERHEAD_BYTES = 512
 
-_Group = tuple[tuple[Entry, bytes], ...]  # every variant of one key held in memory
+# Every variant of one key held in memory, as the Stored a lookup returns (built once, not
+# per hit).
+_Group = tuple["Stored", ...]
 
 
 def _item_size(entry: Entry, body: bytes) -> int:
@@ -65,7 +67,11 @@ def _item_size(entry: Entry, body: bytes) -> int:
 
 
 def _group_size(group: _Group) -> int:
-    return sum(_item_size(entry, body) for entry, body in group)
+    return sum(_item_size(held.entry, held.body or b"") for held in group)
+
+
+def _held(entry: Entry, body: bytes) -> Stored:
+    return Stored(entry=entry, tier="memory", body=body)
 
 
 class _LRU(LRUCache[str, _Group]):
@@ -132,33 +138,39 @@ class MemoryTier:
 
     def get(self, key: str) -> list[tuple[Entry, bytes]]:
         """Every variant of ``key`` held in memory (refreshes its LRU position)."""
+        return [(held.entry, held.body or b"") for held in self.held(key)]
+
+    def held(self, key: str) -> tuple[Stored, ...]:
+        """Like :meth:`get`, as the ``Stored`` of each variant (tier ``"memory"``)."""
         group = self._cache.get(key, ())
         if group:
             self._hits += 1
         else:
             self._misses += 1
-        return list(group)
+        return group
 
     def variants(self, key: str) -> frozenset[str]:
         """The variants of ``key`` held in memory (no LRU refresh)."""
-        return frozenset(entry.variant for entry, _ in self._peek(key))
+        return frozenset(held.entry.variant for held in self._peek(key))
 
     def put(self, entry: Entry, body: bytes) -> bool:
         """Hold ``body`` for ``entry``, replacing that variant; False (and the variant is
         dropped) when the body is over the per-object cap or the key's variants do not fit."""
-        others = tuple(item for item in self._peek(entry.key) if item[0].variant != entry.variant)
+        others = tuple(
+            held for held in self._peek(entry.key) if held.entry.variant != entry.variant
+        )
         if len(body) > self.object_max:
             self._store(entry.key, others)
             return False
-        return self._store(entry.key, (*others, (entry, body)))
+        return self._store(entry.key, (*others, _held(entry, body)))
 
     def update_meta(self, entry: Entry) -> None:
         """Replace the metadata of a held variant whose body ``entry`` still describes."""
         group = self._peek(entry.key)
         kept = tuple(
-            (entry, body) if old.variant == entry.variant else (old, body)
-            for old, body in group
-            if old.variant != entry.variant or old.sha256 == entry.sha256
+            _held(entry, held.body or b"") if held.entry.variant == entry.variant else held
+            for held in group
+            if held.entry.variant != entry.variant or held.entry.sha256 == entry.sha256
         )
         if kept != group:
             self._store(entry.key, kept)
@@ -166,7 +178,9 @@ class MemoryTier:
     def remove(self, key: str, variant: str | None = None) -> int:
         """Drop one variant of ``key`` (all when None); returns variants dropped."""
         group = self._peek(key)
-        kept = tuple(item for item in group if variant is not None and item[0].variant != variant)
+        kept = tuple(
+            held for held in group if variant is not None and held.entry.variant != variant
+        )
         self._store(key, kept)
         return len(group) - len(kept)
 
@@ -175,7 +189,7 @@ class MemoryTier:
         dropped = 0
         for key in list(self._cache.keys()):
             group = self._peek(key)
-            kept = tuple(item for item in group if not predicate(item[0]))
+            kept = tuple(held for held in group if not predicate(held.entry))
             dropped += len(group) - len(kept)
             self._store(key, kept)
         return dropped
@@ -241,9 +255,9 @@ class Store:
         Raises:
             ValueError: ``key`` is not a lower-case hex digest.
         """
-        held = self.memory.get(key)
+        held = self.memory.held(key)
         if held:
-            return [Stored(entry=entry, tier="memory", body=body) for entry, body in held]
+            return list(held)
         # A herd asking for one key at once shares one disk lookup (one worker-thread call
         # instead of one per request); a lookup that fails leaves each waiter to its own.
         pending = self._disk_lookups.get(key)
@@ -320,8 +334,9 @@ class Store:
     async def remove(self, key: str, variant: str | None = None) -> int:
         """Remove one variant of ``key`` (all when None) from both tiers; returns how many
         entries went (memory only holds what disk holds, so the larger count)."""
-        on_disk = await self.disk.remove(key, variant)
-        return max(self.memory.remove(key, variant), on_disk)
+        # Memory first, at once: no request may hit there while the disk removal runs.
+        in_memory = self.memory.remove(key, variant)
+        return max(in_memory, await self.disk.remove(key, variant))
 
     async def purge_prefix(self, url_prefix: str) -> int:
         """Remove every entry whose URL starts with ``url_prefix`` from both tiers."""

@@ -34,8 +34,11 @@ early (413, 401) and close while the body is still on its way.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import ssl
+import termios
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -215,13 +218,20 @@ class _SendBroken(Exception):
 class _Connection:
     """One transport and its h11 state machine."""
 
-    __slots__ = ("h11", "idle_since", "received", "stream")
+    __slots__ = ("h11", "idle_since", "max_head_size", "raw_reusable", "received", "stream")
 
     def __init__(self, stream: trio.abc.Stream, max_head_size: int) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_size)
+        self.max_head_size = max_head_size
+        self.h11 = self.new_cycle()
         self.idle_since = 0.0
         self.received = False  # any byte of the current response arrived
+        # Set when a body was read off the socket (see ``UpstreamResponse``): h11 never saw
+        # it, so whether the connection may be reused was decided there.
+        self.raw_reusable: bool | None = None
+
+    def new_cycle(self) -> h11.Connection:
+        return h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_head_size)
 
 
 class UpstreamResponse:
@@ -244,6 +254,17 @@ class UpstreamResponse:
         self._conn = conn
         self._failed: UpstreamError | None = None
         self._released = False
+        # A body of known length on a plain TCP connection is read straight off the socket:
+        # through h11 every byte would be copied twice more (into its buffer and out).
+        self._raw_left: int | None = None
+        self._raw_keep_alive = False
+        if (
+            self.content_length
+            and isinstance(conn.stream, trio.SocketStream)
+            and conn.h11.their_state is h11.SEND_BODY
+        ):
+            self._raw_left = self.content_length
+            self._raw_keep_alive = _keep_alive(conn.h11, head)
 
     def body(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as it arrives (bytes-like: h11 hands out ``bytearray``).
@@ -263,6 +284,8 @@ class UpstreamResponse:
             raise self._failed
         if self.complete:
             return None
+        if self._raw_left is not None:
+            return await self._next_raw_chunk(self._raw_left)
         try:
             event = await self._pool._next_event(self._conn, self._pool.timeouts.between_bytes)
         except UpstreamError as exc:
@@ -278,6 +301,48 @@ class UpstreamResponse:
             upstream=str(self._pool.origin),
         )
         raise self._failed
+
+    async def _next_raw_chunk(self, left: int) -> bytes | None:
+        """The next piece of a Content-Length body, read off the socket (h11 bypassed)."""
+        conn, pool = self._conn, self._pool
+        if left == 0:
+            self.complete = True
+            # Reusable if the exchange allows keep-alive and nothing follows the body.
+            conn.raw_reusable = self._raw_keep_alive and _nothing_pending(conn.stream)
+            conn.h11 = conn.new_cycle()
+            return None
+        buffered, closed = conn.h11.trailing_data  # the body's start, read with the head
+        if buffered:
+            conn.h11 = conn.new_cycle()  # drop h11's copy; it will not see this body
+            if len(buffered) > left:
+                # Bytes past the body: it is whole, but the connection cannot be trusted.
+                self._raw_keep_alive = False
+                buffered = buffered[:left]
+            self._raw_left = left - len(buffered)
+            return buffered
+        if closed:
+            return self._fail(pool._protocol_error("closed mid-response"))
+        where = str(pool.origin)
+        try:
+            with trio.fail_after(pool.timeouts.between_bytes):
+                data = await conn.stream.receive_some(min(left, READ_SIZE))
+        except trio.TooSlowError:
+            return self._fail(
+                UpstreamTimeout(
+                    f"{where}: no data for {pool.timeouts.between_bytes}s in the body",
+                    upstream=where,
+                )
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            return self._fail(pool._protocol_error(f"reset mid-response: {exc}"))
+        if not data:
+            return self._fail(pool._protocol_error("closed mid-response"))
+        self._raw_left = left - len(data)
+        return bytes(data)
+
+    def _fail(self, error: UpstreamError) -> bytes:
+        self._failed = error
+        raise error
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.head.status} complete={self.complete}>"
@@ -582,21 +647,25 @@ class UpstreamPool:
 
     async def _release(self, conn: _Connection, *, drain: bool) -> None:
         """Pool the connection if the exchange finished cleanly and keep-alive holds."""
+        raw_reusable, conn.raw_reusable = conn.raw_reusable, None
         state = conn.h11
-        if drain and state.our_state is h11.DONE:
-            _finish_from_buffer(state)
-        leftover, eof = state.trailing_data
-        if (
-            self._closed
-            or state.our_state is not h11.DONE
-            or state.their_state is not h11.DONE
-            or leftover
-            or eof
-            or self.max_idle <= 0
-        ):
+        if raw_reusable is None:
+            if drain and state.our_state is h11.DONE:
+                _finish_from_buffer(state)
+            leftover, eof = state.trailing_data
+            reusable = (
+                state.our_state is h11.DONE
+                and state.their_state is h11.DONE
+                and not leftover
+                and not eof
+            )
+        else:
+            reusable = raw_reusable  # a body read off the socket; ``state`` is a new cycle
+        if self._closed or not reusable or self.max_idle <= 0:
             await self._discard(conn)
             return
-        state.start_next_cycle()
+        if raw_reusable is None:
+            state.start_next_cycle()
         self._active -= 1
         conn.idle_since = trio.current_time()
         self._idle.append(conn)
@@ -633,6 +702,26 @@ def _finish_from_buffer(state: h11.Connection) -> None:
                 return  # EndOfMessage (now DONE) or NEED_DATA (the body is not all here)
     except h11.RemoteProtocolError:
         return  # their_state is ERROR now: the connection will be closed
+
+
+def _keep_alive(state: h11.Connection, head: ResponseHead) -> bool:
+    """What h11 decides at the end of an exchange (RFC 9112 §9.3): HTTP/1.1, and neither
+    side asked to close."""
+    if state.our_state is not h11.DONE or state.their_http_version != b"1.1":
+        return False
+    return "close" not in (head.headers.get("connection") or "").lower()
+
+
+def _nothing_pending(stream: trio.abc.Stream) -> bool:
+    """No byte waiting on the socket: nothing follows the body we read. (A close that
+    follows is found by the next exchange, which retries a dead pooled connection once.)"""
+    assert isinstance(stream, trio.SocketStream)
+    pending = array.array("i", [0])
+    try:
+        fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, pending)
+    except OSError:
+        return False
+    return pending[0] == 0
 
 
 def _head_size(response: h11.Response) -> int:

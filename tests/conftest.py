@@ -29,6 +29,12 @@ class RunningProxy:
     settings: Settings
     shutdown: trio.Event
 
+    async def settled(self) -> None:
+        """Wait until every fill has ended, commits included (they run after the response)."""
+        with trio.fail_after(10):
+            while self.proxy.fills_open():
+                await trio.sleep(0.005)
+
 
 def make_settings(
     cache_dir: Path, routes: list[dict[str, Any]], **sections: dict[str, Any]

@@ -127,7 +127,9 @@ async def test_metrics_after_miss_hit_stale_and_breaker_opening(
             client(p.url) as data,
             client(admin) as adm,
         ):
-            outcomes = [(await data.get("/files/a.txt")).headers["x-cache"] for _ in range(2)]
+            outcomes = [(await data.get("/files/a.txt")).headers["x-cache"]]
+            await p.settled()  # the miss's commit runs after its response
+            outcomes.append((await data.get("/files/a.txt")).headers["x-cache"])
             clock.skip(PAST_TTL_SECONDS)
             origin.set("/a.txt", Reply(status=503, body=b"down\n"))
             # Revalidation fails twice (the breaker opens on the second failure), then the
@@ -219,7 +221,9 @@ async def test_purge_through_the_admin_plane(proxy_factory: ProxyFactory) -> Non
             client(admin) as adm,
         ):
             store = p.proxy.store
-            first = [(await data.get("/files/a.txt")).headers["x-cache"] for _ in range(2)]
+            first = [(await data.get("/files/a.txt")).headers["x-cache"]]
+            await p.settled()  # the miss's commit runs after its response
+            first.append((await data.get("/files/a.txt")).headers["x-cache"])
             before = store.statistics()
             body = {"url": "/files/a.txt"}
             no_token = await adm.post("/admin/purge", json=body)
@@ -443,6 +447,7 @@ async def test_access_log_line_per_request(
                 # The admin plane's own messages must come out in the same format.
                 async with admin_for(p), client(p.url) as data:
                     await data.get("/files/a.txt")
+                    await p.settled()  # the miss's commit runs after its response
                     await data.get("/files/a.txt")
                     await data.get("/nowhere")
     lines = capsys.readouterr().err.splitlines()

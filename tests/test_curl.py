@@ -33,6 +33,7 @@ async def test_curl_miss_then_hit_with_headers(proxy_factory: ProxyFactory) -> N
     origin.set("/pkg.tgz", ok(b"x" * 5000, ("cache-control", "max-age=600")))
     async with serve_origin(origin) as up, proxy_factory([{"prefix": "/", "upstreams": up}]) as p:
         first = await _curl("-i", f"{p.url}/pkg.tgz")
+        await p.settled()  # the miss's commit runs after its response
         second = await _curl("-i", f"{p.url}/pkg.tgz")
     for code, _, _ in (first, second):
         assert code == 0

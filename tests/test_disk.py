@@ -537,3 +537,97 @@ async def test_entries_naming_bad_paths_rejected(tier: DiskTier, bad: Entry) -> 
         await tier.verify(bad)
     with pytest.raises(ValueError):
         await read_all(tier, bad)
+
+
+# ---- the index scan --------------------------------------------------------------------------
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    decoded: list[bytes] = []
+    real = disk_module.decode_meta
+
+    def counting(data: bytes) -> Entry:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(disk_module, "decode_meta", counting)
+    return decoded
+
+
+async def test_scan_of_sound_entries_reads_no_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        await fill(tier, key=hexkey("a"), body=b"a" * 100)
+        await fill(tier, key=hexkey("a"), variant=VARIANT, body=b"gz")
+        await fill(tier, key=hexkey("b"), body=b"")
+        size = tier.statistics().bytes
+    decoded = count_decodes(monkeypatch)
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        await tier.wait_index_ready()
+        stats = tier.statistics()
+        assert (stats.bytes, stats.entries, stats.corrupt_dropped) == (size, 3, 0)
+    assert decoded == []
+
+
+async def test_scan_reads_metadata_where_a_variant_has_two_bodies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        entry = await fill(tier)
+        size = tier.statistics().bytes
+    # A crash between a replacing commit's renames and the old body's removal, and a commit
+    # landing now: the metadata says which body is the entry's.
+    old_orphan = key_dir(tmp_path) / f"_.{'0' * 64}.body"
+    new_orphan = key_dir(tmp_path) / f"_.{'1' * 64}.body"
+    old_orphan.write_bytes(b"replaced long ago")
+    new_orphan.write_bytes(b"landing")
+    os.utime(old_orphan, (1_000_000, 1_000_000))
+    decoded = count_decodes(monkeypatch)
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        await tier.wait_index_ready()
+        stats = tier.statistics()
+        assert (stats.bytes, stats.entries, stats.corrupt_dropped) == (size, 1, 0)
+        assert len(decoded) == 1
+        assert await tier.lookup(KEY) == [entry]
+    assert not old_orphan.exists()
+    assert new_orphan.exists()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 1000])
+async def test_scan_in_small_batches_evicts_oldest_by_metadata_mtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    monkeypatch.setattr(disk_module, "SCAN_BATCH_KEYS", batch)
+    monkeypatch.setattr(disk_module, "SCAN_MERGE_BATCH", batch)
+    body = b"x" * 1000
+    # Three keys share a prefix directory (scanned over several batches), three do not.
+    keys = [f"ab{hexkey(n)[2:]}" for n in "abc"] + [hexkey(n) for n in "def"]
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        entries = [await fill(tier, key=k, body=body) for k in keys]
+        size = tier.statistics().bytes // 6
+    ages = [30, 10, 60, 20, 50, 40]  # oldest first: b, d, a
+    for age, entry in zip(ages, entries, strict=True):
+        when = 1_700_000_000 + age
+        os.utime(key_dir(tmp_path, entry.key) / "_.meta", (when, when))
+    async with open_disk_tier(tmp_path, max_bytes=3 * size, rescan_interval=None) as tier:
+        await tier.wait_index_ready()
+        kept = [bool(await tier.lookup(e.key)) for e in entries]
+        assert kept == [False, False, True, False, True, True]
+        assert tier.statistics().evictions == 3
+
+
+async def test_rescan_keeps_what_is_still_on_disk(tmp_path: Path) -> None:
+    async with open_disk_tier(tmp_path, max_bytes=MiB, rescan_interval=None) as tier:
+        await tier.wait_index_ready()
+        a = await fill(tier, key=hexkey("a"))
+        b = await fill(tier, key=hexkey("b"))
+        size = tier.statistics().bytes // 2
+        for _ in range(2):
+            await tier._scan()
+            assert (tier.statistics().entries, tier.statistics().bytes) == (2, 2 * size)
+        for path in key_dir(tmp_path, b.key).iterdir():  # another process removes b
+            path.unlink()
+        await tier._scan()
+        assert (tier.statistics().entries, tier.statistics().bytes) == (1, size)
+        assert await tier.lookup(a.key) == [a]

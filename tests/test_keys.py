@@ -121,3 +121,15 @@ def test_matches(
     expected: bool,
 ) -> None:
     assert matches(stored, Headers(request_fields), forced) is expected
+
+
+def test_matches_remembers_values_per_set_of_names() -> None:
+    # The server shares one Headers object per header block, so one object meets entries
+    # that vary on different fields: each set of names gets its own remembered values.
+    shared = Headers([("Accept", "x"), ("Accept-Language", "de")])
+    for _ in range(2):
+        assert matches({"accept": "x"}, shared)
+        assert not matches({"accept-language": "fr"}, shared)
+        assert matches({"accept": "x", "accept-language": "de"}, shared)
+        assert matches({"accept": "x"}, shared, ("user-agent",))  # absent on both sides
+        assert not matches({"accept": "x"}, shared, ("accept-language",))

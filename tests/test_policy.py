@@ -173,6 +173,36 @@ def test_request_cacheability(method: str, fields: Fields, expected: RequestDire
     assert request_cacheability(get(fields, method)) == expected
 
 
+def test_lookup_remembers_freshness_per_entry_route_and_override() -> None:
+    # What lookup derives from an entry is kept with its fields: the same fields under other
+    # route knobs, or received at another time, must still be judged on their own.
+    stored = entry([("Last-Modified", at(-2000))])  # heuristic lifetime: 10 % of 2000 s
+    later = stored.replace(request_time=T0 + 100, response_time=T0 + 100)  # same Headers
+    request = get()
+    assert [
+        summary(lookup(request, [stored], T0 + 50)),
+        summary(lookup(request, [stored], T0 + 50, RoutePolicy(default_ttl=10.0))),
+        summary(lookup(request, [stored], T0 + 500, override=Override(immutable=True))),
+        summary(lookup(request, [stored], T0 + 250)),
+        summary(lookup(request, [later], T0 + 150)),
+    ] == [
+        ("fresh", 50.0),
+        ("revalidate", [("if-modified-since", at(-2000))]),
+        ("fresh", 500.0),
+        ("revalidate", [("if-modified-since", at(-2000))]),
+        ("fresh", 150.0),  # Date 100 s before it arrived (apparent age), then 50 s resident
+    ]
+
+
+def test_request_cacheability_is_remembered_per_method() -> None:
+    # The server shares one Headers object per header block, whatever the method.
+    shared = Headers([("Cache-Control", "max-age=5")])
+    for _ in range(2):
+        assert request_cacheability(Request(method="GET", target="/", headers=shared)).use_cache
+        post = request_cacheability(Request(method="POST", target="/", headers=shared))
+        assert (post.use_cache, post.invalidates, post.max_age) == (False, True, 5.0)
+
+
 # ---- lookup ------------------------------------------------------------------------------
 
 MA100 = [("Cache-Control", "max-age=100"), ("ETag", '"v1"')]

@@ -798,3 +798,141 @@ async def test_request_joining_a_fill_whose_body_is_complete_is_a_hit(
         ("HIT", b"whole body"),
     ]
     assert h.origin.count("/f") == 1
+
+
+async def test_invalidation_while_the_commit_runs_keeps_nothing(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxychain.store import StoreWriter
+
+    release = trio.Event()
+    commit = StoreWriter.commit
+
+    async def slow_commit(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        await release.wait()  # the client has its body; the fsync and rename are running
+        return await commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "commit", slow_commit)
+    async with open_harness(tmp_path, monkeypatch) as h:
+        versions = iter([b"v1", b"v2"])
+        h.origin.set(
+            "/doc",
+            lambda r: (
+                ok(next(versions), ("cache-control", "max-age=100"))
+                if r.method == "GET"
+                else Reply(status=204)
+            ),
+        )
+        first = await h.get("/doc")
+        changed = await h.send("/doc", method="PUT", body=b"v2")
+        release.set()  # the commit of v1 ends after the PUT invalidated /doc
+        await h.settle()
+        after = await h.get("/doc")
+        again = await h.get("/doc")
+    assert (first.cache, first.body, changed.status) == ("MISS", b"v1", 204)
+    assert [(g.cache, g.body) for g in (after, again)] == [("MISS", b"v2"), ("HIT", b"v2")]
+    assert h.origin.count("/doc") == 3
+
+
+# ---- 13. the hot path: one keep-alive client asking again and again ------------------------------
+
+
+class _KeepAliveClient:
+    """One client connection to the proxy's server, used for request after request (as a
+    load generator does): what is remembered between hits must never leak into an answer."""
+
+    def __init__(self, h: Harness, stream: trio.abc.Stream) -> None:
+        self._h = h
+        self._stream = stream
+        self._conn = h11.Connection(h11.CLIENT)
+
+    async def get(self, target: str, *headers: tuple[str, str], method: str = "GET") -> Got:
+        conn = self._conn
+        fields = [("host", "proxy.test"), *headers]
+        data = conn.send(h11.Request(method=method, target=target, headers=fields))
+        await self._stream.send_all(data + conn.send(h11.EndOfMessage()))
+        head: h11.Response | None = None
+        at = 0.0
+        chunks: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await self._stream.receive_some(READ_SIZE)))
+            elif isinstance(event, h11.Response):
+                head, at = event, trio.current_time()
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            else:
+                assert isinstance(event, h11.EndOfMessage)
+                break
+        conn.start_next_cycle()  # fails unless the connection stays open for the next one
+        await self._h.settle()
+        assert head is not None
+        fields_in = {n.decode().lower(): v.decode() for n, v in head.headers}
+        return Got(head.status_code, fields_in, b"".join(chunks), True, at)
+
+
+@asynccontextmanager
+async def _keep_alive(h: Harness) -> AsyncIterator[_KeepAliveClient]:
+    client, server_end = trio.testing.memory_stream_pair()
+    h.nursery.start_soon(h.server.handle_connection, server_end)
+    yield _KeepAliveClient(h, client)
+    await client.aclose()
+
+
+async def test_repeated_hits_on_one_connection_stay_exact(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain hits between the variations: the shared header blocks, the remembered target,
+    # freshness and head of the entry must not carry one request's answer into another's.
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/hot", validating(RANGE_BODY, '"h1"', ("cache-control", "max-age=100")))
+        async with _keep_alive(h) as c:
+            miss = await c.get("/hot")
+            hit = await c.get("/hot")
+            clock.jump(7)
+            aged = await c.get("/hot")
+            not_modified = await c.get("/hot", ("if-none-match", '"h1"'))
+            after_304 = await c.get("/hot")
+            head = await c.get("/hot", method="HEAD")
+            part = await c.get("/hot", ("range", "bytes=2-5"))
+            whole = await c.get("/hot")
+            validated = await c.get("/hot", ("cache-control", "max-age=0"))
+            clock.jump(3)
+            freshened = await c.get("/hot")
+            await h.proxy.purge(url="/hot")
+            purged = await c.get("/hot")
+            refilled = await c.get("/hot")
+    got = [
+        miss,
+        hit,
+        aged,
+        not_modified,
+        after_304,
+        head,
+        part,
+        whole,
+        validated,
+        freshened,
+        purged,
+        refilled,
+    ]
+    assert [(g.status, g.cache, g.headers.get("age"), g.body) for g in got] == [
+        (200, "MISS", "0", RANGE_BODY),
+        (200, "HIT", "0", RANGE_BODY),
+        (200, "HIT", "7", RANGE_BODY),
+        (304, "HIT", "7", b""),
+        (200, "HIT", "7", RANGE_BODY),
+        (200, "HIT", "7", b""),
+        (206, "HIT", "7", RANGE_BODY[2:6]),
+        (200, "HIT", "7", RANGE_BODY),
+        (200, "REVALIDATED", "0", RANGE_BODY),
+        (200, "HIT", "3", RANGE_BODY),  # the age of the freshened entry, not the old one's
+        (200, "MISS", "0", RANGE_BODY),
+        (200, "HIT", "0", RANGE_BODY),
+    ]
+    assert (head.headers["content-length"], part.headers["content-range"]) == (
+        "1024",
+        "bytes 2-5/1024",
+    )
+    assert h.conditionals("/hot") == [None, '"h1"', None]

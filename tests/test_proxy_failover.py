@@ -73,6 +73,8 @@ class Net:
     attempts: list[tuple[str, float]] = field(default_factory=list)
     hang: set[str] = field(default_factory=set)  # hosts whose connect never completes
     resets: dict[str, int] = field(default_factory=dict)  # host -> connections to reset
+    down: set[str] = field(default_factory=set)  # hosts that reset every connection...
+    reset_delay: float = 0.0  # ...this long after it was opened (a reset of ``resets`` too)
 
     def count(self, host: str) -> int:
         return sum(1 for h, _ in self.attempts if h == host)
@@ -84,9 +86,12 @@ class Net:
         self.attempts.append((origin.host, trio.current_time()))
         if origin.host in self.hang:
             await trio.sleep_forever()
-        if self.resets.get(origin.host, 0) > 0:
+        if origin.host in self.down or self.resets.get(origin.host, 0) > 0:
             # Accepted, then closed before a byte of response: a reset.
-            self.resets[origin.host] -= 1
+            if origin.host not in self.down:
+                self.resets[origin.host] -= 1
+            if self.reset_delay:
+                await trio.sleep(self.reset_delay)
             client, server = trio.testing.memory_stream_pair()
             await server.aclose()
             return client

@@ -238,7 +238,7 @@ async def test_unstorable_response_makes_each_waiter_fetch(
     assert h.origin.count("/private") == 10
 
 
-async def test_failed_fill_never_gives_a_waiter_a_5xx(
+async def test_failed_fill_gives_its_waiters_the_same_502_from_one_upstream_request(
     clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
@@ -251,20 +251,23 @@ async def test_failed_fill_never_gives_a_waiter_a_5xx(
 
     async with open_harness(tmp_path, monkeypatch) as h:
         h.origin.set("/f", flaky)
-        statuses: list[int] = []
+        got: list[Got] = []
 
         async def one() -> None:
-            got = await h.get("/f")
-            statuses.append(got.status)
-            assert got.body == (b"ok" if got.status == 200 else got.body)
+            got.append(await h.get("/f"))
 
         async with trio.open_nursery() as clients:
             clients.start_soon(one)
             await h.settle()  # the first request leads
             for _ in range(9):
                 clients.start_soon(one)
-    # Only the leader sees its own upstream's failure; every waiter fetched on its own.
-    assert sorted(statuses) == [200] * 9 + [502]
+        later = await h.get("/f")
+    # The waiters got nothing from the fill before it failed: they share the leader's answer
+    # instead of each asking the failing upstream again. Nothing of it was stored.
+    assert [g.status for g in got] == [502] * 10
+    assert {g.body for g in got} == {got[0].body}
+    assert (later.status, later.body) == (200, b"ok")
+    assert len(calls) == 2
 
 
 async def test_waiter_leaving_mid_body_leaves_the_others_whole(

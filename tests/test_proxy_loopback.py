@@ -28,6 +28,7 @@ async def test_miss_then_memory_hit(proxy_factory: ProxyFactory) -> None:
     async with serve_origin(origin) as up, proxy_factory([_route(up)]) as p:
         async with httpx.AsyncClient(base_url=p.url) as client:
             first = await client.get("/a.txt")
+            await p.settled()
             second = await client.get("/a.txt")
     assert first.status_code == second.status_code == 200
     assert first.content == second.content == b"hello world\n"
@@ -49,6 +50,7 @@ async def test_large_body_is_a_disk_hit_and_survives_restart(
         async with proxy_factory([_route(up)], cache=cache) as p:
             async with httpx.AsyncClient(base_url=p.url) as client:
                 miss = await client.get("/big.bin")
+                await p.settled()
                 hit = await client.get("/big.bin")
         async with proxy_factory([_route(up)], cache=cache) as p:
             async with httpx.AsyncClient(base_url=p.url) as client:
@@ -278,12 +280,13 @@ async def test_slow_client_slows_the_upstream_read(
             received = len(await stream.receive_some(65536))
             await trio.sleep(0.5)  # the client stops reading; real sockets need the real clock
             tmp_dir = tmp_path / "cache" / "tmp"
-            filled = sum(f.stat().st_size for f in tmp_dir.iterdir() if f.is_file())
+            temp_files = [f for f in tmp_dir.iterdir() if f.is_file()]
+            filled = sum(f.stat().st_size for f in temp_files)
             while chunk_in := await stream.receive_some(1024 * KIB):
                 received += len(chunk_in)
                 if received >= total:
                     break
     # Only what fits in the socket buffers between the three parties was read ahead.
     assert filled < 64 * MIB, filled
-    assert filled > 0
+    assert temp_files  # the fill was under way (its last batch may not be in the file yet)
     assert received > total  # the head plus the whole body

@@ -40,6 +40,7 @@ async def test_purge_in_one_worker_clears_the_others_memory(tmp_path: Path, how:
         async with run_proxy(settings) as a, run_proxy(settings) as b:
             async with httpx.AsyncClient() as client:
                 await client.get(f"{a.url}/f/doc")
+                await a.settled()  # the miss's commit runs after its response
                 for p in (a, b):  # both memory tiers hold it
                     await client.get(f"{p.url}/f/doc")
                     hit = await client.get(f"{p.url}/f/doc")

@@ -15,11 +15,14 @@ from proxychain.clock import Clock
 from proxychain.http import Headers, Request, ResponseHead
 from proxychain.server import (
     COALESCE_MAX_BYTES,
+    IDLE_CHECK_MAX_INTERVAL,
+    SHARED_HEADER_BLOCK_MAX_BYTES,
     ClientInfo,
     Exchange,
     H11Sink,
     Server,
     _direct_head,
+    _has_body,
     _sendfile_some,
     prepare,
 )
@@ -307,3 +310,129 @@ def test_sendfile_some_sends_until_the_socket_is_full_or_the_file_ends(tmp_path:
         assert received == data[:first]
         # Past the end of the file: 0, whatever was asked for.
         assert _sendfile_some(a.fileno(), file.fileno(), len(data), 10) == 0
+
+
+# ---- idle timeouts (checked by Server.close_idle a few times per timeout) and the drain -------
+
+
+class _Slow(_Answer):
+    """Answers after ``delay`` seconds (longer than any idle timeout in these tests)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(200, [b"slow"])
+        self.delay = delay
+
+    async def handle(self, *args: object) -> None:
+        await trio.sleep(self.delay)
+        await super().handle(*args)  # type: ignore[arg-type]
+
+
+async def _closed_after(
+    server: Server, client: trio.abc.Stream, server_side: trio.abc.Stream, send: bytes
+) -> tuple[bytes, float]:
+    """Send ``send``, read until the server closes; what came and when (trio time)."""
+    got = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.close_idle)
+        nursery.start_soon(server.handle_connection, server_side)
+        start = trio.current_time()
+        await client.send_all(send)
+        while chunk := await client.receive_some(65536):
+            got += chunk
+        nursery.cancel_scope.cancel()
+    return got, trio.current_time() - start
+
+
+async def test_idle_keepalive_connection_closes_after_keepalive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server_side = trio.testing.memory_stream_pair()
+    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
+    server = Server(_Answer(200, [b"z"]), settings, Clock(WALL_ANCHOR))
+    got, elapsed = await _closed_after(server, client, server_side, GET)
+    assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"
+    assert 7.0 <= elapsed <= 7.0 + IDLE_CHECK_MAX_INTERVAL
+
+
+async def test_silent_connection_closes_after_header_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server_side = trio.testing.memory_stream_pair()
+    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
+    server = Server(_Answer(200, [b"z"]), settings, Clock(WALL_ANCHOR))
+    got, elapsed = await _closed_after(server, client, server_side, b"")
+    assert got == b""
+    assert 3.0 <= elapsed <= 3.0 + IDLE_CHECK_MAX_INTERVAL
+
+
+async def test_response_slower_than_the_idle_timeouts_is_not_cut(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The idle timeout applies while a request head is awaited, never while it is answered.
+    client, server_side = trio.testing.memory_stream_pair()
+    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
+    server = Server(_Slow(20.0), settings, Clock(WALL_ANCHOR))
+    got, elapsed = await _closed_after(server, client, server_side, GET + GET)
+    assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow" * 2
+    assert 20.0 + 20.0 + 7.0 <= elapsed <= 20.0 + 20.0 + 7.0 + IDLE_CHECK_MAX_INTERVAL
+
+
+async def test_drain_closes_idle_connections_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(_Answer(200, [b"z"]), ServerSettings(), Clock(WALL_ANCHOR))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle_connection, server_side)
+        await client.send_all(GET)
+        assert (await client.receive_some(65536)).endswith(b"\r\n\r\nz")
+        await trio.sleep(1.0)  # idle, waiting for the next request
+        start = trio.current_time()
+        server.start_draining()
+        assert await client.receive_some(65536) == b""
+        assert trio.current_time() == start
+
+
+# ---- request header blocks: one shared Headers per distinct block ---------------------------
+
+
+class _Recorder(_Answer):
+    """Answers 200 and keeps each request it saw."""
+
+    def __init__(self) -> None:
+        super().__init__(200, [b"z"])
+        self.requests: list[Request] = []
+
+    async def handle(self, *args: object) -> None:
+        request = args[0]
+        assert isinstance(request, Request)
+        self.requests.append(request)
+        await super().handle(*args)  # type: ignore[arg-type]
+
+
+async def test_identical_header_blocks_share_one_headers_object() -> None:
+    big = b"x-big: " + b"b" * SHARED_HEADER_BLOCK_MAX_BYTES + b"\r\n"
+    other = GET.replace(b"Host: a", b"Host: b")
+    huge = GET.replace(b"\r\n\r\n", b"\r\n" + big + b"\r\n")
+    handler = _Recorder()
+    await _writes(GET + GET + other + huge + huge, handler)
+    first, same, different, huge1, huge2 = (r.headers for r in handler.requests)
+    assert same is first  # what is parsed from it (Headers.memo) is parsed once
+    assert different is not first
+    assert list(different) == [("host", "b")]
+    # Big blocks are rare and would pin memory: built per request, equal all the same.
+    assert huge1 is not huge2
+    assert huge1 == huge2
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ([], False),
+        ([("content-length", "0")], False),
+        ([("content-length", "5")], True),
+        ([("transfer-encoding", "chunked")], True),
+    ],
+)
+def test_has_body(fields: list[tuple[str, str]], expected: bool) -> None:
+    assert _has_body(Headers(fields)) is expected

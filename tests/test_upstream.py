@@ -679,3 +679,81 @@ async def test_tls_untrusted_certificate(tmp_path: Path) -> None:
         assert info.value.kind is ErrorKind.TLS
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
         assert received == []
+
+
+@asynccontextmanager
+async def open_raw_upstream(answers: list[bytes]) -> AsyncIterator[tuple[int, list[int]]]:
+    """A loopback origin writing ``answers`` in turn, one per request head it reads; yields
+    its port and, per connection accepted, how many requests it answered."""
+    answered: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        answered.append(0)
+        me = len(answered) - 1
+        buffer = b""
+        async with stream:
+            while answers:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer.split(b"\r\n\r\n", 1)[1]
+                answered[me] += 1  # before sending: the client may check as soon as it has it
+                await stream.send_all(answers.pop(0))
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1], answered
+        nursery.cancel_scope.cancel()
+
+
+def _answer(body: bytes, *extra: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n" % len(body) + b"".join(extra)
+    return head + b"\r\n" + body
+
+
+@pytest.mark.loopback
+async def test_sized_bodies_read_off_the_socket_keep_the_connection() -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB: many receives after the head's
+    async with open_raw_upstream([_answer(big), _answer(b"small")]) as (port, answered):
+        pool = UpstreamPool(Origin(scheme="http", host="127.0.0.1", port=port))
+        assert await fetch(pool) == (200, big)
+        assert await fetch(pool) == (200, b"small")
+        assert pool.statistics() == stats(1, 0, 1, 2, 1)
+        assert answered == [2]
+        await pool.aclose()
+
+
+@pytest.mark.loopback
+@pytest.mark.parametrize(
+    ("first", "connects"),
+    [
+        (_answer(b"body") + b"junk after the body", 2),  # bytes past Content-Length
+        (_answer(b"body", b"connection: close\r\n"), 2),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 4\r\n\r\nbody", 2),
+        (_answer(b"body"), 1),
+    ],
+)
+async def test_connection_after_a_sized_body_is_reused_only_when_clean(
+    first: bytes, connects: int
+) -> None:
+    async with open_raw_upstream([first, _answer(b"next")]) as (port, _):
+        pool = UpstreamPool(Origin(scheme="http", host="127.0.0.1", port=port))
+        assert await fetch(pool) == (200, b"body")
+        assert await fetch(pool) == (200, b"next")
+        assert pool.statistics().connects == connects
+        await pool.aclose()
+
+
+@pytest.mark.loopback
+async def test_sized_body_cut_short_is_an_error_and_not_reused() -> None:
+    async with open_raw_upstream([b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf"]) as (
+        port,
+        _,
+    ):
+        pool = UpstreamPool(Origin(scheme="http", host="127.0.0.1", port=port))
+        with pytest.raises(UpstreamProtocolError, match="closed mid-response"):
+            await fetch(pool)
+        assert pool.statistics() == stats(0, 0, 1, 1, 0)
+        await pool.aclose()
