@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -54,6 +55,14 @@ __all__ = [
 log = logging.getLogger("proxychain.server")
 access_log = logging.getLogger("proxychain.access")
 
+# One write of a large body (a memory hit, a followed fill's piece): trio keeps
+# TCP_NOTSENT_LOWAT at 16 KiB, so the socket reports writable only once nearly drained and a
+# big body is refilled a little per scheduler round; for such a write the threshold is lifted,
+# then restored (``os.sendfile`` in worker threads does best with it low: fewer, larger calls).
+# Measured on 1 MiB memory hits: about 1.3x the throughput.
+BIG_WRITE_BYTES = 256 * 1024
+BIG_WRITE_LOWAT = 4 * 1024 * 1024
+TRIO_NOTSENT_LOWAT = 2**14  # what trio.SocketStream sets
 READ_SIZE = 64 * 1024  # bytes per receive_some; request heads are small, bodies stream
 # How much of an unread request body we read and discard to keep a connection alive.
 MAX_DRAIN_BYTES = 1024 * 1024
@@ -319,11 +328,15 @@ class _Connection:
         """Write bytes h11 produced; a vanished client becomes :class:`ClientGone`."""
         if not data:
             return
+        lifted = len(data) >= BIG_WRITE_BYTES and _set_notsent_lowat(self.stream, BIG_WRITE_LOWAT)
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.closed = True
             raise ClientGone(str(exc)) from None
+        finally:
+            if lifted and not self.closed:
+                _set_notsent_lowat(self.stream, TRIO_NOTSENT_LOWAT)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
         while True:
@@ -678,6 +691,17 @@ def _direct_head(
     if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
         return None
     return head, length
+
+
+def _set_notsent_lowat(stream: trio.abc.Stream, value: int) -> bool:
+    """Set ``TCP_NOTSENT_LOWAT`` on a TCP stream; False where there is none to set."""
+    if not isinstance(stream, trio.SocketStream) or not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        return False
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, value)
+    except OSError:
+        return False
+    return True
 
 
 def _sendfile_some(out_fd: int, in_fd: int, offset: int, count: int) -> int | None:

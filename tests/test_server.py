@@ -14,13 +14,17 @@ from trio.testing import MemoryReceiveStream, MemorySendStream
 from proxychain.clock import Clock
 from proxychain.http import Headers, Request, ResponseHead
 from proxychain.server import (
+    BIG_WRITE_BYTES,
+    BIG_WRITE_LOWAT,
     COALESCE_MAX_BYTES,
     IDLE_CHECK_MAX_INTERVAL,
     SHARED_HEADER_BLOCK_MAX_BYTES,
+    TRIO_NOTSENT_LOWAT,
     ClientInfo,
     Exchange,
     H11Sink,
     Server,
+    _Connection,
     _direct_head,
     _has_body,
     _sendfile_some,
@@ -436,3 +440,42 @@ async def test_identical_header_blocks_share_one_headers_object() -> None:
 )
 def test_has_body(fields: list[tuple[str, str]], expected: bool) -> None:
     assert _has_body(Headers(fields)) is expected
+
+
+@pytest.mark.loopback
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux socket option")
+async def test_a_big_write_lifts_the_unsent_threshold_and_restores_it() -> None:
+    """A large body goes out with TCP_NOTSENT_LOWAT lifted (the socket refilled as soon as it
+    has room), and the connection is left with trio's value for what follows (sendfile)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server_stream = await listeners[0].accept()
+    conn = _Connection(server_stream, ServerSettings())
+    seen: list[int] = []
+    real_setsockopt = server_stream.setsockopt
+
+    def spy(level: int, option: int, value: int) -> None:
+        if option == socket.TCP_NOTSENT_LOWAT:
+            seen.append(value)
+        real_setsockopt(level, option, value)
+
+    server_stream.setsockopt = spy  # type: ignore[method-assign,assignment]
+    body = b"x" * (2 * BIG_WRITE_BYTES)
+    received = 0
+    async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            nonlocal received
+            while received < len(body) + 10:
+                received += len(await client.receive_some(1 << 20))
+
+        nursery.start_soon(drain)
+        await conn.write(body)
+        await conn.write(b"small body")  # under the threshold: left alone
+    assert received == len(body) + 10
+    assert seen == [BIG_WRITE_LOWAT, TRIO_NOTSENT_LOWAT]
+    lowat = server_stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert lowat == TRIO_NOTSENT_LOWAT
+    for stream in (client, server_stream, *listeners):
+        await stream.aclose()
