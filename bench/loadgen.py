@@ -237,6 +237,17 @@ async def _exchange(
     status, x_cache, first_byte, received = 0, "", 0.0, 0
     check: BodyCheck | None = None
     keep_alive = True
+
+    def sample() -> Sample:
+        return Sample(
+            status=status,
+            latency_s=time.perf_counter() - t0,
+            first_byte_s=first_byte,
+            body_bytes=received,
+            x_cache=x_cache,
+            body_ok=check.complete() if check is not None else True,
+        )
+
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -264,30 +275,15 @@ async def _exchange(
                 # byte would be copied twice more, and on 2 shared cores a herd of clients
                 # reading big bodies would measure the client's own copying.
                 received = await _read_body(stream, conn.trailing_data[0], size, check)
-                sample = Sample(
-                    status=status,
-                    latency_s=time.perf_counter() - t0,
-                    first_byte_s=first_byte,
-                    body_bytes=received,
-                    x_cache=x_cache,
-                    body_ok=check.complete() if check is not None else True,
-                )
                 if not keep_alive:
-                    raise _Done(sample)
-                return sample, h11.Connection(h11.CLIENT)
+                    raise _Done(sample())
+                return sample(), h11.Connection(h11.CLIENT)
         elif isinstance(event, h11.Data):
             received += len(event.data)
             if check is not None:
                 check.feed(event.data)
         elif isinstance(event, h11.EndOfMessage):
-            return Sample(
-                status=status,
-                latency_s=time.perf_counter() - t0,
-                first_byte_s=first_byte,
-                body_bytes=received,
-                x_cache=x_cache,
-                body_ok=check.complete() if check is not None else True,
-            ), conn
+            return sample(), conn
         elif isinstance(event, h11.ConnectionClosed):
             raise trio.BrokenResourceError("connection closed before the response ended")
         elif isinstance(event, h11.InformationalResponse):
