@@ -30,7 +30,7 @@ import targets
 import trio
 from loadgen import PY_BOTTLENECK_NOTE, wrk_available
 from procs import Managed, StartError, stop_all
-from scenarios import HIT_SIZES, SCENARIOS, Bench, Row
+from scenarios import HIT_SIZES, SCENARIOS, Bench, Row, ratio
 
 __all__ = ["format_table", "main"]
 
@@ -51,12 +51,6 @@ def _fmt(value: float | str) -> str:
     return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _ratio(a: float | str | None, b: float | str | None) -> str:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-        return f"{a / b:.2f}x"
-    return ""
-
-
 def format_table(rows: list[Row], subject: str) -> str:
     """Markdown table: one column per target, then subject / nginx and subject / ceiling, and
     subject / proxy.py when a row has a proxy.py figure."""
@@ -72,7 +66,7 @@ def format_table(rows: list[Row], subject: str) -> str:
         cells += [_fmt(r.values[c]) if c in r.values else "" for c in present]
         rated = r.better != ""
         s = r.values.get(subject)
-        cells += [_ratio(s, r.values.get(a)) if rated else "" for a in against]
+        cells += [ratio(s, r.values.get(a)) if rated else "" for a in against]
         lines.append("| " + " | ".join(cells) + " |")
         last = r.scenario
     return "\n".join(lines)

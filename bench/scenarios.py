@@ -27,7 +27,7 @@ from payload import bytes_path
 from procs import HOST, Managed, StartError, peak_rss_kib, reset_peak_rss, rss_kib
 from seed import scale_path
 
-__all__ = ["SCENARIOS", "Bench", "Row"]
+__all__ = ["SCENARIOS", "Bench", "Row", "ratio"]
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 HIT_SIZES = (KIB, 64 * KIB, MIB, 32 * MIB)
@@ -237,7 +237,7 @@ async def miss(bench: Bench) -> list[Row]:
                 ("p99 ms", res.p99_ms),
                 ("p50 / origin's p50", "")
                 if name == "origin"
-                else ("p50 / origin's p50", _times(res.p50_ms, rows["p50 ms"].get("origin"))),
+                else ("p50 / origin's p50", ratio(res.p50_ms, rows["p50 ms"].get("origin"))),
                 ("errors + bad bodies", res.errors),
                 ("upstream fetches", _delta(after, before, "full")),
             ):
@@ -257,11 +257,11 @@ async def miss(bench: Bench) -> list[Row]:
     return out
 
 
-def _times(value: float, base: float | str | None) -> str:
-    """``value / base`` as ``1.23x``, or empty when there is no base to divide by."""
-    if not isinstance(base, (int, float)) or base <= 0:
-        return ""
-    return f"{value / base:.2f}x"
+def ratio(a: float | str | None, b: float | str | None) -> str:
+    """``a / b`` as ``1.23x``, or empty when either is not a figure or ``b`` is 0."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return f"{a / b:.2f}x"
+    return ""
 
 
 async def herd(bench: Bench) -> list[Row]:

@@ -287,14 +287,17 @@ class FillRegistry:
 
     def __init__(self) -> None:
         self._fills: dict[str, Fill] = {}
+        self._empty = trio.Event()  # set while no fill is open
+        self._empty.set()
 
     def get(self, key: str) -> Fill | None:
         """The open fill of ``key`` a request may join (not one invalidated meanwhile)."""
         fill = self._fills.get(key)
         return None if fill is None or fill.invalidated else fill
 
-    def __len__(self) -> int:
-        return len(self._fills)
+    async def wait_empty(self) -> None:
+        """Wait until no fill is open."""
+        await self._empty.wait()
 
     def invalidate(self, key: str | None = None, url_prefix: str | None = None) -> list[Fill]:
         """Mark the fill of ``key``, or of every URL under ``url_prefix``, as invalidated;
@@ -312,9 +315,16 @@ class FillRegistry:
     def start(self, key: str) -> Fill:
         fill = Fill(key)
         self._fills[key] = fill
+        if self._empty.is_set():
+            self._empty = trio.Event()
         return fill
 
     def end(self, fill: Fill) -> None:
+        """Take ``fill`` out of the registry, failing it if it has not ended (nobody else
+        would, and its waiters wait for its end)."""
+        fill.fail()  # a no-op once it has ended
         if self._fills.get(fill.key) is fill:
             del self._fills[fill.key]
+            if not self._fills:
+                self._empty.set()
         fill.close_shared()

@@ -186,9 +186,9 @@ class Proxy:
                     await fill.wait_end()
         return await self.store.remove(key)
 
-    def fills_open(self) -> int:
-        """Fills under way, including commits of bodies already served."""
-        return len(self._fills)
+    async def wait_fills_ended(self) -> None:
+        """Wait until no fill is under way, commits of bodies already served included."""
+        await self._fills.wait_empty()
 
     def breaker_statistics(self) -> dict[str, BreakerStatistics]:
         """Breaker state of every upstream of every route, by upstream URL."""
@@ -450,8 +450,6 @@ class Proxy:
                 await self._fetch_and_store(at, sink, exchange, fill, None)
         finally:
             if fill is not None and not fill.committing_in_background:
-                if not (fill.state.finished or fill.state.failed):
-                    fill.fail()
                 self._fills.end(fill)
 
     async def _follow(
@@ -609,8 +607,6 @@ class Proxy:
         except ProxyChainError as exc:
             log.info("background fill of %s failed: %s", at.url, exc.reason)
         finally:
-            if not (fill.state.finished or fill.state.failed):
-                fill.fail()
             self._fills.end(fill)
 
     async def _fetch_and_store(
@@ -674,14 +670,7 @@ class Proxy:
         RFC 5861 §4 / RFC 9111 §4.2.4: the policy decides between a stale copy and an error
         (504 where the stored response forbids stale use).
         """
-        decision = policy.on_upstream_error(
-            stored.entry,
-            at.request,
-            self.clock.wall(),
-            at.route.policy,
-            at.route.override(at.path_class),
-            exc.status_hint,
-        )
+        decision = self._on_upstream_error(at, stored, exc.status_hint)
         match decision:
             case policy.ServeStale(age=age):
                 await self._serve_stale_on_error(at, (stored, age), sink, exchange)
@@ -695,15 +684,20 @@ class Proxy:
                 assert_never(decision)
 
     def _may_serve_stale(self, at: _Lookup, validate: tuple[Stored, Headers]) -> bool:
-        decision = policy.on_upstream_error(
-            validate[0].entry,
+        return isinstance(self._on_upstream_error(at, validate[0], 502), policy.ServeStale)
+
+    def _on_upstream_error(
+        self, at: _Lookup, stored: Stored, status_hint: int
+    ) -> policy.ServeStale | policy.Fail:
+        """The policy's answer for ``stored`` when its revalidation fails with ``status_hint``."""
+        return policy.on_upstream_error(
+            stored.entry,
             at.request,
             self.clock.wall(),
             at.route.policy,
             at.route.override(at.path_class),
-            502,
+            status_hint,
         )
-        return isinstance(decision, policy.ServeStale)
 
     async def _serve_stale_on_error(
         self, at: _Lookup, stale: tuple[Stored, float], sink: H11Sink | None, exchange: Exchange
@@ -916,13 +910,18 @@ class Proxy:
     async def _commit(
         self, writer: StoreWriter, entry: Entry, expected: int | None, fill: Fill | None
     ) -> Entry | None:
-        """Publish the fill's body in the store, unless it was invalidated meanwhile."""
-        if fill is not None and fill.invalidated:
-            await writer.flush()  # waiters reading it get it whole; the store does not
+        """Publish the fill's body in the store, unless it was invalidated meanwhile.
+
+        The last batch is written first, so that waiters get the whole body without waiting
+        for the fsync (and get it whole from an invalidated fill, which the store does not).
+        """
+        await writer.flush()
+        if fill is not None:
             fill.publish_progress(writer.bytes_written)
-            await writer.abort()
-            fill.finish(None)
-            return None
+            if fill.invalidated:
+                await writer.abort()
+                fill.finish(None)
+                return None
         committed = await writer.commit(entry, expected_size=expected)
         if fill is not None and fill.invalidated:  # while the commit ran
             await self.store.remove(committed.key, committed.variant)
@@ -937,10 +936,6 @@ class Proxy:
     ) -> None:
         """Commit a fill whose client was served; a failure only means it is not stored."""
         try:
-            # The last batch first, so waiters get the whole body without waiting for fsync.
-            await writer.flush()
-            if fill is not None:
-                fill.publish_progress(writer.bytes_written)
             await self._commit(writer, entry, expected, fill)
         except ProxyChainError as exc:
             log.warning("%s was served but not stored: %s", entry.url, exc.reason)
@@ -948,8 +943,6 @@ class Proxy:
             with trio.CancelScope(shield=True):
                 await writer.abort()  # no-op after a commit; cleans up after a failed one
             if fill is not None:
-                if not (fill.state.finished or fill.state.failed):
-                    fill.fail()
                 self._fills.end(fill)
 
     def _keep_filling(self, route: Route, fill: Fill | None) -> bool:
@@ -987,7 +980,6 @@ class Proxy:
                     await self._fetch_and_store(at, None, exchange, fill, (stored, conditional))
                 finally:
                     if not fill.committing_in_background:
-                        fill.fail()  # a no-op once it has ended
                         self._fills.end(fill)
                 result = {"REVALIDATED": "not_modified", "STALE": "failed"}.get(
                     exchange.outcome, "replaced"

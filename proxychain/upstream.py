@@ -284,9 +284,9 @@ class UpstreamResponse:
             raise self._failed
         if self.complete:
             return None
-        if self._raw_left is not None:
-            return await self._next_raw_chunk(self._raw_left)
         try:
+            if self._raw_left is not None:
+                return await self._next_raw_chunk(self._raw_left)
             event = await self._pool._next_event(self._conn, self._pool.timeouts.between_bytes)
         except UpstreamError as exc:
             self._failed = exc
@@ -321,28 +321,12 @@ class UpstreamResponse:
             self._raw_left = left - len(buffered)
             return buffered
         if closed:
-            return self._fail(pool._protocol_error("closed mid-response"))
-        where = str(pool.origin)
-        try:
-            with trio.fail_after(pool.timeouts.between_bytes):
-                data = await conn.stream.receive_some(min(left, READ_SIZE))
-        except trio.TooSlowError:
-            return self._fail(
-                UpstreamTimeout(
-                    f"{where}: no data for {pool.timeouts.between_bytes}s in the body",
-                    upstream=where,
-                )
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            return self._fail(pool._protocol_error(f"reset mid-response: {exc}"))
+            raise pool._protocol_error("closed mid-response")
+        data = await pool._receive(conn, min(left, READ_SIZE), pool.timeouts.between_bytes)
         if not data:
-            return self._fail(pool._protocol_error("closed mid-response"))
+            raise pool._protocol_error("closed mid-response")
         self._raw_left = left - len(data)
-        return bytes(data)
-
-    def _fail(self, error: UpstreamError) -> bytes:
-        self._failed = error
-        raise error
+        return data
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.head.status} complete={self.complete}>"
@@ -606,7 +590,6 @@ class UpstreamPool:
 
         ``read_timeout`` bounds each receive (the head is bounded by the caller instead).
         """
-        where = str(self.origin)
         while True:
             try:
                 event = conn.h11.next_event()
@@ -618,24 +601,36 @@ class UpstreamPool:
                 # Only after EndOfMessage (we never read past it) or a protocol switch (we
                 # never ask for one).
                 raise self._protocol_error("unexpected data after the response")
-            try:
-                if read_timeout is None:
-                    data = await conn.stream.receive_some(READ_SIZE)
-                else:
-                    with trio.fail_after(read_timeout):
-                        data = await conn.stream.receive_some(READ_SIZE)
-            except trio.TooSlowError:
-                raise UpstreamTimeout(
-                    f"{where}: no data for {read_timeout}s in the body", upstream=where
-                ) from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                if not conn.received:
-                    raise self._reset_error(f"reset before the response: {exc}") from exc
-                raise self._protocol_error(f"reset mid-response: {exc}") from exc
+            data = await self._receive(conn, READ_SIZE, read_timeout)
             if not data and not conn.received:
                 raise self._reset_error("closed before the response")
             conn.received = True
-            conn.h11.receive_data(bytes(data))  # no copy for a socket's bytes
+            conn.h11.receive_data(data)
+
+    async def _receive(self, conn: _Connection, size: int, read_timeout: float | None) -> bytes:
+        """Up to ``size`` bytes from ``conn`` (``b""`` at its end), with errors translated.
+
+        Raises:
+            UpstreamTimeout: nothing arrived within ``read_timeout``.
+            UpstreamConnectError: reset before any byte of the response (kind RESET).
+            UpstreamProtocolError: reset mid-response.
+        """
+        try:
+            if read_timeout is None:
+                data = await conn.stream.receive_some(size)
+            else:
+                with trio.fail_after(read_timeout):
+                    data = await conn.stream.receive_some(size)
+        except trio.TooSlowError:
+            where = str(self.origin)
+            raise UpstreamTimeout(
+                f"{where}: no data for {read_timeout}s in the body", upstream=where
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if not conn.received:
+                raise self._reset_error(f"reset before the response: {exc}") from exc
+            raise self._protocol_error(f"reset mid-response: {exc}") from exc
+        return bytes(data)  # no copy for a socket's bytes
 
     def _reset_error(self, detail: str) -> UpstreamConnectError:
         where = str(self.origin)

@@ -32,8 +32,7 @@ class RunningProxy:
     async def settled(self) -> None:
         """Wait until every fill has ended, commits included (they run after the response)."""
         with trio.fail_after(10):
-            while self.proxy.fills_open():
-                await trio.sleep(0.005)
+            await self.proxy.wait_fills_ended()
 
 
 def make_settings(
