@@ -7,6 +7,12 @@ records the latency to the end of the body, the time to the response head ("firs
 status, the ``X-Cache`` outcome, and optionally checks the body against :mod:`payload`.
 Connection errors, timeouts and protocol errors are counted, and the connection is reopened.
 
+"First byte" is the time from the request leaving the client to the first byte of the answer
+reaching the client's socket, read from the kernel's receive timestamp (``SO_TIMESTAMPNS``), so
+that a client busy reading other bodies (a herd of 500 on 2 cores) does not add its own delay
+to the server's; ``first_byte_seen`` is the same span ending when the client task got to the
+head, as a client program would see it. Without timestamps (not Linux) both are the latter.
+
 On 2 cores a Python client spends more CPU per request than the server under test, so for
 small responses it measures itself: :data:`PY_BOTTLENECK_NOTE`. ``wrk`` (C, epoll) does not have
 that problem; :func:`run_wrk` runs it and parses its ``--latency`` report, and the driver
@@ -17,10 +23,13 @@ driver reads the hit ratio from the origin's request counter instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
 import shutil
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +53,10 @@ __all__ = [
 ]
 
 RECEIVE_BYTES = 256 * 1024
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h; Python does not name it): each received
+# packet's kernel arrival time, as a struct timespec on CLOCK_REALTIME in a control message.
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 RECONNECT_PAUSE_S = 0.01  # after a failed connect, so a dead target is not spun on
 PY_BOTTLENECK_NOTE = (
@@ -61,6 +74,7 @@ class Sample:
     status: int  # 0 for a transport error
     latency_s: float
     first_byte_s: float
+    first_byte_seen_s: float
     body_bytes: int
     x_cache: str
     body_ok: bool
@@ -83,6 +97,8 @@ class LoadResult:
     max_ms: float
     first_byte_p50_ms: float = 0.0
     first_byte_p99_ms: float = 0.0
+    first_byte_seen_p50_ms: float = 0.0
+    first_byte_seen_p99_ms: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     x_cache: dict[str, int] = field(default_factory=dict)
     error_kinds: dict[str, int] = field(default_factory=dict)
@@ -104,6 +120,7 @@ def summarise(samples: Sequence[Sample], duration_s: float, *, tool: str = "pyth
     done = [s for s in samples if not s.error]
     lat = sorted(s.latency_s * 1e3 for s in done)
     fb = sorted(s.first_byte_s * 1e3 for s in done)
+    fb_seen = sorted(s.first_byte_seen_s * 1e3 for s in done)
     by_cache: dict[str, list[float]] = {}
     for s in done:
         by_cache.setdefault(s.x_cache or "-", []).append(s.latency_s * 1e3)
@@ -124,6 +141,8 @@ def summarise(samples: Sequence[Sample], duration_s: float, *, tool: str = "pyth
         max_ms=round(lat[-1], 3) if lat else 0.0,
         first_byte_p50_ms=round(percentile(fb, 50), 3),
         first_byte_p99_ms=round(percentile(fb, 99), 3),
+        first_byte_seen_p50_ms=round(percentile(fb_seen, 50), 3),
+        first_byte_seen_p99_ms=round(percentile(fb_seen, 99), 3),
         statuses=dict(Counter(str(s.status) for s in done)),
         x_cache=dict(Counter(s.x_cache or "-" for s in done)),
         error_kinds=dict(Counter(s.error for s in samples if s.error)),
@@ -177,7 +196,7 @@ async def _one_connection(
             try:
                 with trio.fail_after(request_timeout):
                     if stream is None:
-                        stream = await trio.open_tcp_stream(host, port)
+                        stream = await _open(host, port)
                         conn = h11.Connection(h11.CLIENT)
                     sample, conn = await _exchange(
                         stream, conn, path, host_header, t0, check_bodies, method
@@ -213,8 +232,35 @@ async def _one_connection(
 def _failed(t0: float, kind: str) -> Sample:
     dt = time.perf_counter() - t0
     return Sample(
-        status=0, latency_s=dt, first_byte_s=dt, body_bytes=0, x_cache="", body_ok=False, error=kind
+        status=0,
+        latency_s=dt,
+        first_byte_s=dt,
+        first_byte_seen_s=dt,
+        body_bytes=0,
+        x_cache="",
+        body_ok=False,
+        error=kind,
     )
+
+
+async def _open(host: str, port: int) -> trio.SocketStream:
+    """A connection with kernel receive timestamps on, where the platform has them."""
+    stream = await trio.open_tcp_stream(host, port)
+    with contextlib.suppress(OSError):  # without: first byte as the client sees it
+        stream.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return stream
+
+
+async def _receive_stamped(stream: trio.SocketStream) -> tuple[bytes, float | None]:
+    """The next bytes, and the wall-clock time the kernel received them (None: unknown)."""
+    data, ancdata, _flags, _addr = await stream.socket.recvmsg(
+        RECEIVE_BYTES, socket.CMSG_SPACE(_TIMESPEC.size)
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = _TIMESPEC.unpack(payload[: _TIMESPEC.size])
+            return data, sec + nsec / 1e9
+    return data, None
 
 
 async def _close(stream: trio.SocketStream) -> None:
@@ -233,8 +279,11 @@ async def _exchange(
 ) -> tuple[Sample, h11.Connection]:
     """One request; returns its sample and the h11 state for the connection's next request."""
     request = h11.Request(method=method, target=path, headers=[(b"host", host_header)])
+    sent_wall, sent = time.time(), time.perf_counter()
     await stream.send_all((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
-    status, x_cache, first_byte, received = 0, "", 0.0, 0
+    status, x_cache, first_byte, first_seen, received = 0, "", 0.0, 0.0, 0
+    arrived: float | None = None  # the kernel's receive time of the answer's first bytes
+    stamped = False
     check: BodyCheck | None = None
     keep_alive = True
 
@@ -243,6 +292,7 @@ async def _exchange(
             status=status,
             latency_s=time.perf_counter() - t0,
             first_byte_s=first_byte,
+            first_byte_seen_s=first_seen,
             body_bytes=received,
             x_cache=x_cache,
             body_ok=check.complete() if check is not None else True,
@@ -251,12 +301,17 @@ async def _exchange(
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_BYTES)
+            if stamped:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            else:
+                data, arrived = await _receive_stamped(stream)
+                stamped = True
             if not data:
                 raise trio.BrokenResourceError("peer closed mid-response")
             conn.receive_data(data)
         elif isinstance(event, h11.Response):
-            first_byte = time.perf_counter() - t0
+            first_seen = time.perf_counter() - sent
+            first_byte = first_seen if arrived is None else max(0.0, arrived - sent_wall)
             status = event.status_code
             x_cache = ""
             size = -1
@@ -382,7 +437,7 @@ async def fetch(
     t0 = time.perf_counter()
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await _open(host, port)
             try:
                 conn = h11.Connection(h11.CLIENT)
                 sample, _ = await _exchange(

@@ -270,7 +270,12 @@ disk_max = "{disk_gib}GiB"
 prefix = "{prefix}"
 kind = "{kind}"
 upstreams = "http://127.0.0.1:{origin_port}"
+health_path = "{health_path}"
+# The same interval as Varnish's probe of the bench origin (_VCL).
+health_interval = "500ms"
 """
+# What the bench origin answers 200 to, uncounted; Varnish's probe asks for it too.
+_ORIGIN_HEALTH_PATH = "/__health"
 
 
 def proxychain(
@@ -283,11 +288,17 @@ def proxychain(
     name: str = "proxychain",
     prefix: str = "/",
     kind: str = "http",
+    health_path: str | None = None,
 ) -> Managed:
     """proxychain through its CLI with a temp config and cache dir (kept across restarts).
 
     One route, ``prefix`` of ``kind``, to the origin; ``name`` names its home under ``tmp``.
+    ``health_path`` ("" = no health checks) defaults to the bench origin's, as Varnish probes
+    it, for an ``http`` route; other kinds front other servers (a static file tree) that
+    have no health page and would count the probes.
     """
+    if health_path is None:
+        health_path = _ORIGIN_HEALTH_PATH if kind == "http" else ""
     home = tmp / name
     (home / "cache").mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -303,6 +314,7 @@ def proxychain(
             origin_port=origin_port,
             prefix=prefix,
             kind=kind,
+            health_path=health_path,
         )
     )
     argv = [sys.executable, "-m", "proxychain", "serve", "--config", str(config)]

@@ -19,9 +19,18 @@ There are three states, and the transitions between them are the data in
 * ``OPEN``: :meth:`Breaker.allow` answers False until ``next_probe_at``. Outcomes of requests
   that were already in flight when it opened are counted in the statistics but move nothing.
 * ``HALF_OPEN``: entered lazily, by the first :meth:`Breaker.allow` at or after
-  ``next_probe_at`` (:data:`BreakerEvent.PROBE_DUE`). Exactly one trial request (or health
-  probe) is let through; everyone else is refused until its outcome is recorded. Success closes
-  the breaker, failure re-opens it with the next, longer interval.
+  ``next_probe_at`` (:data:`BreakerEvent.PROBE_DUE`) that may take the trial. Exactly one trial
+  request (or health probe) is let through; everyone else is refused until its outcome is
+  recorded. Success closes the breaker, failure re-opens it with the next, longer interval.
+
+Who takes the trial. ``allow(now, trial=False)`` is a caller that must not take it: it is let
+through while CLOSED only, and never moves an OPEN breaker to HALF_OPEN. The shell passes it
+for client requests on a route with active health checks, so there the trial after an opening
+belongs to the health probe. That spares a sick upstream real requests (each trial a client
+takes is one more request sent to an upstream known to be down, and one client waiting on it),
+while the probe is cheap and has no client waiting on it; the upstream returns to service when
+a probe succeeds. Without health checks clients take the trial (``trial=True``, the default),
+or nothing would ever close the breaker.
 
 Open intervals. The k-th consecutive opening (k = 0 for the first after CLOSED) stays open for
 ``Backoff(base=open_base, factor=2, cap=open_cap, jitter="equal").delay(k, rng)`` seconds:
@@ -34,7 +43,8 @@ interval. The schedule can be made exact with ``open_jitter="none"``.
 A trial that never reports back must not wedge the breaker in HALF_OPEN: the shell calls
 :meth:`Breaker.on_abandon` when a trial is cancelled (client gone, deadline hit), which frees
 the slot without judging the upstream, and as a safety net a trial older than
-``probe_timeout`` is presumed lost, so the next :meth:`Breaker.allow` grants a fresh one.
+``probe_timeout`` is presumed lost, so the next :meth:`Breaker.allow` that may take a trial
+grants a fresh one.
 
 Time is always the ``now`` argument (the shell's monotonic clock), randomness the ``rng``
 passed at construction; nothing here blocks or reads a clock.
@@ -270,13 +280,19 @@ class Breaker:
         """Whether a response with ``status`` counts against the upstream."""
         return status in self.config.failure_statuses
 
-    def allow(self, now: float) -> bool:
+    def allow(self, now: float, *, trial: bool = True) -> bool:
         """Whether a request (or health probe) may go to the upstream now.
+
+        ``trial=False`` is a caller that must leave the half-open trial to someone else (a
+        client request on a route whose health probe owns the trial; see the module
+        docstring): it gets True only while CLOSED, and its call moves nothing.
 
         A True in HALF_OPEN grants *the* trial: the caller must report its outcome with
         :meth:`on_success`, :meth:`on_failure` or :meth:`on_abandon`.
         """
         c = self._c
+        if self._state is not CLOSED and not trial:
+            return False
         if self._state is OPEN:
             assert c.next_probe_at is not None
             if now < c.next_probe_at:

@@ -23,22 +23,30 @@ Theory of operation:
 * Revalidations coalesce the same way: the leader's conditional request registers a fill;
   a 304 ends it as finished with the freshened entry, and its waiters serve that entry from
   the store; a 200 is followed like any fill.
-* Waiters share their reads: a piece of the temp file read for one waiter is kept (a bounded
-  window of recent pieces) and handed, as the same ``bytes`` object, to every waiter that
-  reaches that offset, so a herd of N waiters costs one file read per piece instead of N.
-* The temp file is opened by waiters before the leader commits (renames) it; an open file
-  descriptor stays valid across ``os.replace`` on POSIX, so a waiter that opened the file keeps
-  reading the committed body. A waiter that arrives after the commit simply finds the entry in
-  the store.
+* The newest pieces of the body are handed to waiters from memory: the leader publishes each
+  piece it accepts (the same ``bytes`` object it sends its own client and gives the writer),
+  and the fill keeps a bounded window of them while it has waiters. A herd that follows the
+  fill closely never reads the temp file, and its first bytes do not wait for the writer's
+  next batch to reach the disk. Pieces the writer has not written yet are always kept, so
+  every byte is either in the window or in the file.
+* A waiter behind the window reads the temp file, and waiters share those reads: a piece read
+  for one waiter is kept (a bounded window of recent pieces) and handed, as the same ``bytes``
+  object, to every waiter that reaches that offset, so a herd of N waiters costs one file read
+  per piece instead of N.
+* The leader hands the fill a read-only descriptor of its temp file, and each waiter takes a
+  duplicate of it when it joins (``dup`` does no file-system I/O). An open descriptor stays
+  valid across ``os.replace`` on POSIX, so a waiter keeps reading the committed body after the
+  leader renames it. A waiter that arrives after the commit simply finds the entry in the
+  store.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
 import trio
@@ -61,6 +69,9 @@ FOLLOW_WAKE_STEP = FOLLOW_CHUNK  # bytes
 SHARED_READ_WINDOW = 8 * FOLLOW_CHUNK  # bytes
 # ... and at least this often while the body grows slowly (seconds).
 FOLLOW_WAKE_INTERVAL = 0.010
+# The newest body pieces kept in memory for waiters (beyond those not yet in the file): a herd
+# moves together within a few read sizes of the leader; a waiter further behind reads the file.
+LIVE_WINDOW = 4 * FOLLOW_CHUNK  # bytes
 
 
 @dataclass(slots=True)
@@ -69,8 +80,8 @@ class FillState:
 
     head: ResponseHead | None = None
     entry: Entry | None = None  # the entry being written (variant, vary values)
-    tmp_path: Path | None = None
-    written: int = 0
+    received: int = 0  # body bytes the leader accepted: in the live window or the temp file
+    written: int = 0  # body bytes in the temp file
     finished: bool = False
     failed: bool = False
     storable: bool = False
@@ -101,39 +112,71 @@ class Fill:
     _changed: trio.Event = field(default_factory=trio.Event)
     _head_known: trio.Event = field(default_factory=trio.Event)
     _ended_event: trio.Event = field(default_factory=trio.Event)
+    # The live window: the newest pieces as the leader accepted them, contiguous and ending at
+    # ``state.received``; ``_live_offsets[i]`` is where ``_live[i]`` starts.
+    _live: list[bytes] = field(default_factory=list)
+    _live_offsets: list[int] = field(default_factory=list)
+    _live_size: int = 0
     _pieces: dict[int, bytes] = field(default_factory=dict)  # offset -> bytes read there
     _pieces_size: int = 0
     _reading: dict[int, trio.Event] = field(default_factory=dict)  # offset -> read under way
     _notified_at: float = -math.inf
-    _shared: BinaryIO | None = None  # the temp file, opened once for every waiter
-    _opening: trio.Event | None = None  # set when an open of ``_shared`` under way ends
+    _shared: BinaryIO | None = None  # the temp file, read-only; waiters take duplicates
 
     # ---- leader side --------------------------------------------------------------------------
 
     def publish_head(
-        self, head: ResponseHead, entry: Entry | None, tmp_path: Path | None, storable: bool
+        self, head: ResponseHead, entry: Entry | None, reader: BinaryIO | None, storable: bool
     ) -> None:
+        """The response head is known; ``reader`` (owned by the fill from now on) reads the
+        temp file the body is written to, if it is kept."""
         self.state.head = head
         self.state.entry = entry
-        self.state.tmp_path = tmp_path
         self.state.storable = storable
+        self._shared = reader
         length = head.headers.get("content-length")
         self.state.expected = int(length) if length and length.isdigit() else None
         self._head_known.set()
         self._notify()
 
-    def publish_progress(self, written: int) -> None:
-        before = self.state.written
-        self.state.written = written
-        now = trio.current_time()
-        # Batch wake-ups by size, but never let a slow trickle (a slow WAN) or the first bytes
-        # of a herd's fill wait for a whole step.
+    def publish_body(self, piece: bytes, written: int) -> None:
+        """The leader accepted ``piece``, the body's next bytes; ``written`` bytes of the body
+        are in the temp file."""
+        before = self.state.received
+        received = self.state.received = before + len(piece)
+        if type(piece) is not bytes:
+            # h11 hands out bytearrays: one immutable copy here, instead of one per waiter
+            # wherever a send needs ``bytes``.
+            piece = bytes(piece)
+        self._live.append(piece)
+        self._live_offsets.append(before)
+        self._live_size += len(piece)
+        self.publish_written(written)
+        # Batch wake-ups by size, but never let a slow trickle (a slow WAN), the first bytes of
+        # a herd's fill or the body's last bytes wait for a whole step.
         if (
             before == 0
-            or written // FOLLOW_WAKE_STEP != before // FOLLOW_WAKE_STEP
-            or now - self._notified_at >= FOLLOW_WAKE_INTERVAL
+            or received // FOLLOW_WAKE_STEP != before // FOLLOW_WAKE_STEP
+            or received == self.state.expected
+            or trio.current_time() - self._notified_at >= FOLLOW_WAKE_INTERVAL
         ):
             self._notify()
+
+    def publish_written(self, written: int) -> None:
+        """``written`` bytes of the body are in the temp file: pieces up to there may leave
+        the live window (all of them while nobody follows)."""
+        self.state.written = written
+        keep = LIVE_WINDOW if self.waiters else 0
+        drop = 0
+        while (
+            drop < len(self._live)
+            and self._live_size > keep
+            and self._live_offsets[drop] + len(self._live[drop]) <= written
+        ):
+            self._live_size -= len(self._live[drop])
+            drop += 1
+        if drop:
+            del self._live[:drop], self._live_offsets[:drop]
 
     def body_arrived(self) -> None:
         """The leader has the whole body; only writing its last batch and the commit remain."""
@@ -181,33 +224,17 @@ class Fill:
         """Wait until the fill has finished or failed."""
         await self._ended_event.wait()
 
-    async def open_follower(self) -> BinaryIO | None:
-        """Open the fill's temp file for reading, or ``None`` if it is gone (committed/aborted).
+    def open_follower(self) -> BinaryIO | None:
+        """A descriptor of the fill's temp file for one waiter (close it), or ``None`` when
+        there is none (the body is not kept, or the fill ended).
 
-        The file is opened once per fill, in a worker thread; each waiter gets its own
-        duplicate descriptor of it (``dup`` does no file-system I/O, so it runs here), which
-        makes a herd's first bytes one thread call instead of one per waiter. Reads use
-        ``pread``, so the shared file offset does not matter.
+        A duplicate of the one the leader handed over: ``dup`` does no file-system I/O, so a
+        herd joins without a worker-thread call each, and reads use ``pread``, so the shared
+        file offset does not matter.
         """
-        path = self.state.tmp_path
-        if path is None or self._ended():
+        if self._shared is None or self._ended():
             return None
-        while self._opening is not None:
-            await self._opening.wait()
-        shared = self._shared
-        if shared is None:
-            opening = self._opening = trio.Event()
-            try:
-                shared = self._shared = await trio.to_thread.run_sync(open, path, "rb")
-            except FileNotFoundError:
-                return None
-            finally:
-                self._opening = None
-                opening.set()
-        if self._ended():
-            self.close_shared()  # the fill ended while the file was opened
-            return None
-        return os.fdopen(os.dup(shared.fileno()), "rb")
+        return os.fdopen(os.dup(self._shared.fileno()), "rb", buffering=0)
 
     def _ended(self) -> bool:
         return self.state.finished or self.state.failed
@@ -226,8 +253,19 @@ class Fill:
         """
         return _Follower(self, file)
 
+    def _live_piece(self, offset: int) -> bytes | None:
+        """The body from ``offset`` to the end of its live piece, or None if that is no
+        longer in the live window."""
+        if not self._live or offset < self._live_offsets[0]:
+            return None
+        i = bisect.bisect_right(self._live_offsets, offset) - 1
+        piece = self._live[i]
+        start = self._live_offsets[i]
+        # A waiter that caught up from the file may land inside a piece (a copy, once).
+        return piece if offset == start else piece[offset - start :]
+
     async def _read_at(self, file: BinaryIO, offset: int, size: int) -> bytes:
-        """The piece of the body at ``offset``: shared with other waiters, or read here."""
+        """The piece of the temp file at ``offset``: shared with other waiters, or read here."""
         while (pending := self._reading.get(offset)) is not None:
             await pending.wait()
         piece = self._pieces.get(offset)
@@ -263,16 +301,20 @@ class _Follower:
         fill = self._fill
         while True:
             changed = fill._changed
-            available = fill.state.written - self._offset
-            if available > 0:
-                chunk = await fill._read_at(self._file, self._offset, min(available, FOLLOW_CHUNK))
-                if not chunk:
-                    raise FillFailed("body file shorter than announced")
+            offset = self._offset
+            if offset < fill.state.received:
+                chunk = fill._live_piece(offset)
+                if chunk is None:
+                    # Behind the live window, hence within what the file holds.
+                    size = min(fill.state.written - offset, FOLLOW_CHUNK)
+                    chunk = await fill._read_at(self._file, offset, size)
+                    if not chunk:
+                        raise FillFailed("body file shorter than announced")
                 self._offset += len(chunk)
                 return chunk
             if fill.state.failed:
                 raise FillFailed("the upstream fetch failed mid-body")
-            if fill.state.finished or self._offset == fill.state.expected:
+            if fill.state.finished or offset == fill.state.expected:
                 # With a known length the body is complete before the commit ends the fill.
                 raise StopAsyncIteration
             await changed.wait()

@@ -543,15 +543,24 @@ def _hash_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _create(path: Path) -> BinaryIO:
+def _create(path: Path) -> tuple[BinaryIO, int]:
+    """A new temp file: a writer, and a read-only descriptor for readers that follow it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    # Unbuffered: every accepted byte is in the file, for readers following tmp_path.
-    return os.fdopen(fd, "wb", buffering=0)
+    # Unbuffered: every accepted byte is in the file, for readers following it.
+    file = os.fdopen(fd, "wb", buffering=0)
+    try:
+        return file, os.open(path, os.O_RDONLY)
+    except BaseException:
+        file.close()
+        _unlink(path)
+        raise
 
 
-def _discard(file: BinaryIO | None, *paths: Path) -> None:
+def _discard(file: BinaryIO | None, reader: int | None, *paths: Path) -> None:
     if file is not None:
         file.close()
+    if reader is not None:
+        os.close(reader)
     _unlink(*paths)
 
 
@@ -890,8 +899,8 @@ class DiskTier:
         """
         check_key(key, variant)
         path = self._tmp_path("part")
-        file = await self._run(_create, path)
-        writer = DiskWriter(self, key, variant, path, file, batched=batched)
+        file, reader = await self._run(_create, path)
+        writer = DiskWriter(self, key, variant, path, file, reader, batched=batched)
         self._writers.add(writer)
         return writer
 
@@ -976,6 +985,7 @@ class DiskWriter:
         variant: str,
         tmp_path: Path,
         file: BinaryIO,
+        reader: int,
         *,
         batched: bool = False,
     ) -> None:
@@ -986,6 +996,7 @@ class DiskWriter:
         self.variants_on_disk: frozenset[str] = frozenset()  # set by commit
         self._tier = tier
         self._file: BinaryIO | None = file
+        self._reader: int | None = reader  # read-only descriptor of the temp file
         self._hash = hashlib.sha256()
         self._pending: list[bytes] = []  # accepted, not yet in the file
         self._pending_bytes = 0
@@ -1017,6 +1028,7 @@ class DiskWriter:
         self,
         started: list[bool],
         file: BinaryIO,
+        reader: int,
         pending: list[bytes],
         tmp_meta: Path,
         key_dir: Path,
@@ -1026,8 +1038,24 @@ class DiskWriter:
         self._write(file, pending)
         final = entry.replace(body_size=self.bytes_written, sha256=self._hash.hexdigest())
         meta = encode_meta(final)
-        variants = _commit(started, file, self.tmp_path, tmp_meta, key_dir, final, meta)
+        try:
+            variants = _commit(started, file, self.tmp_path, tmp_meta, key_dir, final, meta)
+        finally:
+            if started:  # the commit owns the files now, whatever its outcome
+                os.close(reader)
         return final, len(meta), variants
+
+    def open_reader(self) -> BinaryIO:
+        """A read-only descriptor of the temp file (close it), for a reader that follows the
+        body as it is written. It stays valid after the commit renames the file or an abort
+        removes it. ``dup`` does no file-system I/O, so this runs on the event loop.
+
+        Raises:
+            trio.ClosedResourceError: after commit or abort.
+        """
+        if self._reader is None:
+            raise trio.ClosedResourceError("writer is committed or aborted")
+        return os.fdopen(os.dup(self._reader), "rb", buffering=0)
 
     async def write(self, chunk: bytes) -> None:
         """Append ``chunk`` to the temp file.
@@ -1098,6 +1126,8 @@ class DiskWriter:
             raise CacheCorrupt(f"body is {size} bytes, upstream promised {expected_size}")
         tier = self._tier
         file, self._file = self._file, None
+        reader, self._reader = self._reader, None
+        assert reader is not None  # open while the file is
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         started: list[bool] = []
         try:
@@ -1106,6 +1136,7 @@ class DiskWriter:
                 self._write_and_commit,
                 started,
                 file,
+                reader,
                 pending,
                 tier._tmp_path("meta.part"),
                 tier._key_dir(self.key),
@@ -1114,7 +1145,7 @@ class DiskWriter:
         except BaseException as exc:
             if not started:
                 # Cancelled before the thread ran, or the last batch failed: abort() cleans up.
-                self._file = file
+                self._file, self._reader = file, reader
                 if isinstance(exc, OSError):
                     await self.abort()
                     raise CacheCorrupt(f"writing the cache body failed: {exc}") from exc
@@ -1132,12 +1163,13 @@ class DiskWriter:
     async def abort(self) -> None:
         """Discard the temp file. Idempotent; bounded and shielded so it runs when cancelled."""
         file, self._file = self._file, None
+        reader, self._reader = self._reader, None
         self._pending, self._pending_bytes = [], 0
         if file is None:
             return
         self._tier._writers.discard(self)
         with trio.move_on_after(CLEANUP_TIMEOUT_SECONDS, shield=True):
-            await self._tier._run(_discard, file, self.tmp_path)
+            await self._tier._run(_discard, file, reader, self.tmp_path)
 
 
 @asynccontextmanager

@@ -29,6 +29,9 @@ ever retried once response bytes may have reached the client. Rules, in order:
    check, and walks again) is treated the same way, without asking its breaker: ``|`` still
    lets the walk move on, ``,`` still keeps the request from leaving for the next upstream.
    The breaker is not charged for it: a bad body says nothing about availability.
+   A walk made with ``trials=False`` never takes a breaker's half-open trial (its requests
+   are refused until the breaker is CLOSED again): on a route with active health checks the
+   trial belongs to the health probe (see :mod:`proxychain.breaker`).
 2. 404/410 moves to the next hop after either separator; on the final hop it is USEd (the
    client gets the 404), unless the chain ends in ``off``, which then refuses.
 3. A connect error or reset (nothing reached the upstream's application, or at least nothing
@@ -280,6 +283,8 @@ class ChainWalk:
         deadline: absolute time after which no attempt starts (request-level deadline).
         idempotent: whether the method may be retried (rule 3 applies only then).
         exclude: upstream URLs not to contact (rule 1).
+        trials: whether this walk may take a breaker's half-open trial (rule 1); False when
+            the route's health probe owns the trials.
     """
 
     def __init__(
@@ -293,6 +298,7 @@ class ChainWalk:
         deadline: float = math.inf,
         idempotent: bool = True,
         exclude: frozenset[str] = frozenset(),
+        trials: bool = True,
     ) -> None:
         self.chain = chain
         self.started_at = now
@@ -303,6 +309,7 @@ class ChainWalk:
         self._rng = rng
         self._idempotent = idempotent
         self._exclude = exclude
+        self._trials = trials
         self._p = _Progress()
         if isinstance(chain, Refuse):
             self._p.result = Exhausted(status_hint=chain.status_hint, reason=chain.reason)
@@ -329,7 +336,7 @@ class ChainWalk:
             breaker = self._breakers.get(hop.url)
             excluded = hop.url in self._exclude
             # An excluded hop never asks its breaker: allow() may hand out a half-open probe.
-            if not excluded and (breaker is None or breaker.allow(now)):
+            if not excluded and (breaker is None or breaker.allow(now, trial=self._trials)):
                 p.attempts += 1
                 p.pending = Attempt(
                     upstream_url=hop.url,

@@ -295,6 +295,8 @@ async def fetch_through_chain(
         deadline=now + route.settings.timeouts.deadline,
         idempotent=request.method in IDEMPOTENT_METHODS and body is None,
         exclude=exclude,
+        # With active health checks the probe takes the half-open trials, not clients.
+        trials=not route.settings.health_path,
     )
     failures: list[Exception] = []
     last: str | None = None  # the upstream of the previous attempt

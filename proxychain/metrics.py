@@ -10,6 +10,11 @@ Label values are kept low-cardinality on purpose: status codes are folded into c
 ("2xx", RFC 9110 §15), unknown request methods into "OTHER", and routes and upstreams are the
 configured names, never request paths.
 
+The request families (requests, sent bytes, request duration) are updated once per client
+request, so in single-process mode they are plain per-process tallies (:class:`_RequestTallies`,
+a few dict and float updates instead of prometheus-client's locked value objects), rendered by
+a custom collector at scrape time with the same samples those objects would give.
+
 Cache-tier figures (bytes, entries, evictions per tier) are owned by the store, not by the
 metrics: a ``tier_source`` callback returns the current numbers and is called at scrape time
 by a custom collector, so the figures are exact when read and cost nothing between scrapes.
@@ -29,10 +34,12 @@ supervisor calls :func:`mark_worker_dead` so its live gauges disappear.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from prometheus_client import (
@@ -44,8 +51,10 @@ from prometheus_client import (
     generate_latest,
     values,
 )
+from prometheus_client import metrics as prom_metrics
 from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .errors import ConfigError, ErrorKind, UpstreamError
 
@@ -82,6 +91,10 @@ DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
     30.0,
     60.0,
 )
+
+_REQUESTS_HELP = "Client requests by route, method, status class, cache outcome and tier."
+_SENT_BYTES_HELP = "Body bytes sent to clients."
+_DURATION_HELP = "Time from request head to last body byte."
 
 # Gauge encoding of a breaker's state; ordered by how bad it is so max() over upstreams works.
 BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 2}
@@ -159,6 +172,101 @@ class _TierCollector:
         yield from (size, entries, evictions)
 
 
+@dataclass(slots=True)
+class _Tally:
+    """One labelled counter series: its value and its creation time (the ``_created`` sample)."""
+
+    value: float = 0.0
+    created: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class _DurationTally:
+    """One labelled histogram series: observations per bucket (not cumulative), their sum."""
+
+    buckets: list[float]
+    sum: float = 0.0
+    created: float = field(default_factory=time.time)
+
+
+class _RequestTallies:
+    """The request families as plain per-process tallies, exposed at scrape time.
+
+    Only the data plane's thread updates them (no lock). ``collect`` yields the samples
+    prometheus-client's ``Counter``/``Histogram`` would (same names, labels, order and
+    ``_created`` series), so the exposition does not change.
+    """
+
+    def __init__(self, ns: str) -> None:
+        self._ns = ns
+        self._bounds = [*DURATION_BUCKETS_SECONDS, float("inf")]
+        self._bound_names = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        # Keyed like the families' labels; insertion order is the order series are exposed.
+        self.requests: dict[tuple[str, str, str, str, str], _Tally] = {}
+        self.sent: dict[tuple[str, str], _Tally] = {}
+        self.durations: dict[tuple[str, str], _DurationTally] = {}
+
+    def add(self, labels: tuple[str, str, str, str, str], bytes_sent: int, duration: float) -> None:
+        """Count one request; ``labels`` as in ``{ns}_requests``."""
+        series = self.requests.get(labels)
+        if series is None:
+            series = self.requests[labels] = _Tally()
+        series.value += 1
+        route, _, _, outcome, tier = labels
+        timing = self.durations.get((route, outcome))
+        if timing is None:
+            timing = self.durations[route, outcome] = _DurationTally([0.0] * len(self._bounds))
+        timing.sum += duration
+        timing.buckets[bisect.bisect_left(self._bounds, duration)] += 1
+        if bytes_sent:
+            sent = self.sent.get((route, tier))
+            if sent is None:  # created on first use: no zero series for tiers never sent
+                sent = self.sent[route, tier] = _Tally()
+            sent.value += bytes_sent
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        requests, sent, durations = self._families()
+        names = ("route", "method", "status", "outcome", "tier")
+        for labels, series in list(self.requests.items()):
+            _add_counter(requests, dict(zip(names, labels, strict=True)), series)
+        for (route, tier), series in list(self.sent.items()):
+            _add_counter(sent, {"route": route, "tier": tier}, series)
+        name = durations.name
+        for (route, outcome), timing in list(self.durations.items()):
+            keyed = {"route": route, "outcome": outcome}
+            total = 0.0
+            for le, count in zip(self._bound_names, timing.buckets, strict=True):
+                total += count
+                durations.add_sample(f"{name}_bucket", {**keyed, "le": le}, total)
+            durations.add_sample(f"{name}_count", keyed, total)
+            durations.add_sample(f"{name}_sum", keyed, timing.sum)
+            if _use_created():
+                durations.add_sample(f"{name}_created", keyed, timing.created)
+        yield from (requests, sent, durations)
+
+    def _families(self) -> tuple[Metric, Metric, Metric]:
+        ns = self._ns
+        return (
+            Metric(f"{ns}_requests", _REQUESTS_HELP, "counter"),
+            Metric(f"{ns}_sent_bytes", _SENT_BYTES_HELP, "counter"),
+            Metric(f"{ns}_request_duration_seconds", _DURATION_HELP, "histogram"),
+        )
+
+
+def _add_counter(family: Metric, labels: dict[str, str], series: _Tally) -> None:
+    family.add_sample(f"{family.name}_total", labels, series.value)
+    if _use_created():
+        family.add_sample(f"{family.name}_created", labels, series.created)
+
+
+def _use_created() -> bool:
+    """Whether prometheus-client exposes ``_created`` series (``disable_created_metrics``)."""
+    return bool(getattr(prom_metrics, "_use_created", True))
+
+
 class Metrics:
     """The proxy's metrics, in a private registry.
 
@@ -188,6 +296,7 @@ class Metrics:
         # Labelled children of the request families, by (route, method, class, outcome, tier).
         self._request_children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
         self._sent_children: dict[tuple[str, str], Counter] = {}
+        self._tallies: _RequestTallies | None = None  # single-process mode (see _build)
         # Metric objects always live in a private registry so duplicate names are still caught;
         # what /metrics exposes is `_scrape`, which in multi-process mode reads the mmap files.
         self._registry = CollectorRegistry(auto_describe=True)
@@ -207,22 +316,27 @@ class Metrics:
 
     def _build(self, ns: str) -> None:
         reg = self._registry
-        self._requests = Counter(
-            f"{ns}_requests",
-            "Client requests by route, method, status class, cache outcome and tier.",
-            ["route", "method", "status", "outcome", "tier"],
-            registry=reg,
-        )
-        self._bytes_sent = Counter(
-            f"{ns}_sent_bytes", "Body bytes sent to clients.", ["route", "tier"], registry=reg
-        )
-        self._duration = Histogram(
-            f"{ns}_request_duration_seconds",
-            "Time from request head to last body byte.",
-            ["route", "outcome"],
-            buckets=DURATION_BUCKETS_SECONDS,
-            registry=reg,
-        )
+        if self.multiprocess:
+            # The merged view is read from the value objects' files: they must be used.
+            self._requests = Counter(
+                f"{ns}_requests",
+                _REQUESTS_HELP,
+                ["route", "method", "status", "outcome", "tier"],
+                registry=reg,
+            )
+            self._bytes_sent = Counter(
+                f"{ns}_sent_bytes", _SENT_BYTES_HELP, ["route", "tier"], registry=reg
+            )
+            self._duration = Histogram(
+                f"{ns}_request_duration_seconds",
+                _DURATION_HELP,
+                ["route", "outcome"],
+                buckets=DURATION_BUCKETS_SECONDS,
+                registry=reg,
+            )
+        else:
+            self._tallies = _RequestTallies(ns)
+            reg.register(self._tallies)
         self._upstream_requests = Counter(
             f"{ns}_upstream_requests",
             "Upstream exchanges by result (status class or 'error').",
@@ -326,6 +440,9 @@ class Metrics:
         """
         method = method if method in _KNOWN_METHODS else "OTHER"
         labels = (route, method, _status_class(status), outcome, tier)
+        if self._tallies is not None:
+            self._tallies.add(labels, bytes_sent, duration)
+            return
         children = self._request_children.get(labels)
         if children is None:
             # ``labels()`` validates and locks on every call; the children never change.

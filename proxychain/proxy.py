@@ -494,10 +494,10 @@ class Proxy:
                 or not keys.matches(state.entry.vary, at.request.headers, at.path_class.forced_vary)
             ):
                 return False
-            file = await fill.open_follower()
+            file = fill.open_follower()
             if file is None:
-                # The temp file is gone: renamed by the commit (the store has the entry, or
-                # is about to) or removed by an abort. The fill's end tells which.
+                # No temp file to follow: the fill has ended (committed, so the store has the
+                # entry, or failed). The fill's end tells which.
                 with trio.move_on_after(at.route.settings.coalesce_timeout):
                     await fill.wait_end()
                 if state.finished and state.entry is not None and not state.failed:
@@ -506,13 +506,13 @@ class Proxy:
             # A body that had wholly arrived before this request came is a hit (only the commit
             # was pending); one still arriving is that fill's miss, shared.
             complete = state.arrived or (
-                state.expected is not None and state.written >= state.expected
+                state.expected is not None and state.received >= state.expected
             )
             exchange.outcome = "HIT" if complete else "MISS"
             exchange.detail = "coalesced" if coalesced else ""
             headers = head.headers.set("x-cache", exchange.outcome)
             if complete:
-                exchange.tier = "fill"  # the whole body, read from the fill's file
+                exchange.tier = "fill"  # the whole body, from the fill
                 headers = headers.set("x-cache-tier", "fill")
             head = ResponseHead(status=head.status, reason=head.reason, headers=headers)
             try:
@@ -820,7 +820,9 @@ class Proxy:
         outcome = "MISS" if storable else "BYPASS"
         client_head = self._client_head(head.status, head.reason, headers.set("age", "0"), outcome)
         if fill is not None:
-            fill.publish_head(client_head, entry, writer.tmp_path if writer else None, storable)
+            fill.publish_head(
+                client_head, entry, writer.open_reader() if writer else None, storable
+            )
         exchange.outcome = outcome
         if sink is None and writer is None:
             if fill is not None:
@@ -834,9 +836,13 @@ class Proxy:
                 client_ok = await _try(sink.start(client_head))
             async for chunk in response.body():
                 if writer is not None:
-                    await writer.write(chunk)
                     if fill is not None:
-                        fill.publish_progress(writer.bytes_written)
+                        # Waiters have the piece before the writer's batch reaches the disk.
+                        fill.publish_body(chunk, writer.bytes_written)
+                    written = writer.bytes_written
+                    await writer.write(chunk)
+                    if fill is not None and writer.bytes_written != written:
+                        fill.publish_written(writer.bytes_written)
                 if client_ok and sink is not None:
                     client_ok = await _try(sink.send(chunk))
                 if not client_ok and sink is not None and not self._keep_filling(route, fill):
@@ -917,7 +923,7 @@ class Proxy:
         """
         await writer.flush()
         if fill is not None:
-            fill.publish_progress(writer.bytes_written)
+            fill.publish_written(writer.bytes_written)
             if fill.invalidated:
                 await writer.abort()
                 fill.finish(None)

@@ -8,11 +8,15 @@ serving a purged entry for longer than one poll interval.
 
 The file is append-only JSON lines (one ``write`` of a short line under ``O_APPEND`` is atomic
 between processes on a local file system); a reader keeps its offset and reads only what is new.
-A line that cannot be parsed is skipped, never fatal.
+A line that cannot be parsed is skipped, never fatal. Every process starts following from the
+end (older purges are on disk already), so nothing ever reads what came before its start: the
+supervisor empties the file before it starts its workers (:func:`clear_purge_log`), which keeps
+it from growing over the life of a cache directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -23,7 +27,7 @@ import trio
 
 from .appendlog import append_lines, read_new_lines
 
-__all__ = ["PURGE_POLL_INTERVAL", "Purge", "PurgeLog"]
+__all__ = ["PURGE_POLL_INTERVAL", "Purge", "PurgeLog", "clear_purge_log"]
 
 log = logging.getLogger("proxychain.purge")
 
@@ -78,6 +82,12 @@ class PurgeLog:
                 continue
             for purge in purges:
                 apply(purge)
+
+
+def clear_purge_log(cache_dir: Path) -> None:
+    """Empty the purge log of ``cache_dir``; only while no process follows it (blocking)."""
+    with contextlib.suppress(FileNotFoundError):
+        (cache_dir / _FILE_NAME).unlink()
 
 
 def _size(path: Path) -> int:

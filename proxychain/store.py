@@ -34,7 +34,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import trio
 from cachetools import Cache, LRUCache
@@ -378,6 +378,10 @@ class StoreWriter:
     @property
     def bytes_written(self) -> int:
         return self._writer.bytes_written
+
+    def open_reader(self) -> BinaryIO:
+        """A read-only descriptor of the temp file (see :meth:`DiskWriter.open_reader`)."""
+        return self._writer.open_reader()
 
     async def __aenter__(self) -> StoreWriter:
         return self

@@ -32,6 +32,7 @@ from functools import partial
 
 import trio
 
+from .purgelog import clear_purge_log
 from .settings import ServerSettings, Settings
 
 __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "run_workers"]
@@ -54,6 +55,7 @@ def run_workers(settings: Settings) -> int:
     """Supervise ``settings.server.workers`` worker processes; the exit status of the CLI."""
     tmp_metrics_dir = _prepare_multiproc_dir()
     sock = _bind(settings.server)
+    clear_purge_log(settings.cache.dir)  # no worker follows it yet
     port = sock.getsockname()[1]
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
     supervisor = _Supervisor(settings, sock, old_mask)

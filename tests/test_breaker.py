@@ -236,6 +236,48 @@ def test_lost_trial_times_out() -> None:
     assert not breaker.allow(11.0)
 
 
+def test_a_caller_without_the_trial_is_let_through_only_while_closed() -> None:
+    breaker = make()
+    assert breaker.allow(0.0, trial=False)  # CLOSED: anyone
+    fail(breaker, 5, now=0.0)
+    # OPEN, before and after the probe time: refused, and the breaker stays OPEN for the prober.
+    assert not breaker.allow(0.5, trial=False)
+    assert not breaker.allow(FIRST_OPEN, trial=False)
+    assert not breaker.allow(1000.0, trial=False)
+    assert breaker.state is OPEN
+    assert breaker.statistics().requests == 6  # the first allow and the five failures
+    assert breaker.allow(1000.0, trial=True)  # the prober takes the trial
+    assert breaker.state is HALF_OPEN
+    assert not breaker.allow(1000.0, trial=False)
+    assert not breaker.allow(1000.0, trial=True)  # still exactly one trial
+    assert breaker.on_success(1000.25) == StateChange(
+        old=HALF_OPEN, new=CLOSED, event=BreakerEvent.SUCCESS, at=1000.25
+    )
+    assert breaker.allow(1000.25, trial=False)
+    assert breaker.statistics().requests == 8
+
+
+def test_a_caller_without_the_trial_never_takes_a_lost_or_abandoned_one() -> None:
+    breaker = make(probe_timeout=10.0)
+    fail(breaker, 5, now=0.0)
+    assert breaker.allow(1.0, trial=True)
+    assert not breaker.allow(11.0, trial=False)  # lost, but only the prober may retake it
+    assert breaker.allow(11.0, trial=True)
+    breaker.on_abandon(12.0)
+    assert not breaker.allow(12.0, trial=False)
+    assert breaker.state is HALF_OPEN
+    assert breaker.allow(12.0, trial=True)
+    assert breaker.on_failure(12.5) == StateChange(
+        old=HALF_OPEN,
+        new=OPEN,
+        event=BreakerEvent.FAILURE,
+        at=12.5,
+        next_probe_at=12.5 + SECOND_OPEN,
+    )
+    assert not breaker.allow(12.5 + SECOND_OPEN, trial=False)
+    assert breaker.statistics().requests == 8
+
+
 @pytest.mark.parametrize(
     ("status", "expected"),
     [

@@ -205,6 +205,25 @@ async def test_tmp_path_is_readable_while_written(tier: DiskTier) -> None:
     await writer.abort()
 
 
+async def test_a_reader_of_the_temp_file_keeps_reading_after_the_commit_renamed_it(
+    tier: DiskTier, tmp_path: Path
+) -> None:
+    writer = await tier.open_writer(KEY, "")
+    await writer.write(b"first ")
+    reader = writer.open_reader()
+    try:
+        assert os.pread(reader.fileno(), 64, 0) == b"first "
+        await writer.write(b"second")
+        entry = await writer.commit(make_entry())
+        assert files(tmp_path, "tmp") == []  # renamed into place
+        assert os.pread(reader.fileno(), 64, 0) == b"first second"
+    finally:
+        reader.close()
+    assert b"".join(await read_all(tier, entry)) == b"first second"
+    with pytest.raises(trio.ClosedResourceError):
+        writer.open_reader()
+
+
 async def test_writes_in_a_burst_are_gathered_until_a_batch_or_the_commit(
     tier: DiskTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:

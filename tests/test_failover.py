@@ -759,3 +759,22 @@ def test_excluded_hop_does_not_take_the_half_open_probe() -> None:
     assert isinstance(step, Attempt)
     assert step.upstream_url == B
     assert breaker.state is BreakerState.OPEN
+
+
+def test_a_walk_without_trials_is_refused_by_a_due_breaker_and_leaves_it_open() -> None:
+    breaker = opened_breaker()  # probe due at 1.0
+    walk = ChainWalk(
+        parse_chain(f"{A}|{B}"), {A: breaker}, FIXED_RETRY, random.Random(0), 5.0, trials=False
+    )
+    step = walk.next(5.0)
+    assert isinstance(step, Attempt)
+    assert step.upstream_url == B
+    alone = ChainWalk(
+        parse_chain(A), {A: breaker}, FIXED_RETRY, random.Random(0), 5.0, trials=False
+    )
+    end = alone.next(5.0)
+    assert isinstance(end, Exhausted)
+    assert (end.status_hint, end.reason) == (502, "upstream http://a unavailable (circuit open)")
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.allow(5.0)  # the trial is still there for the health probe
+    assert breaker.statistics().state is BreakerState.HALF_OPEN

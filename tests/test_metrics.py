@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxychain.errors import ConfigError, ErrorKind, UpstreamTimeout
@@ -92,6 +93,60 @@ def test_request_done_counts_by_every_label() -> None:
     bypass = only(s, "proxychain_request_duration_seconds_bucket")
     assert bypass[L(route="/go/", outcome="BYPASS", le="60.0")] == 0.0
     assert bypass[L(route="/go/", outcome="BYPASS", le="+Inf")] == 1.0
+
+
+def test_request_families_expose_what_prometheus_client_objects_would() -> None:
+    # The request families are plain tallies behind a custom collector (single process); the
+    # text must be the library's own Counter/Histogram text, line for line and in order.
+    calls = [
+        ("/go/", "GET", 200, "HIT", "memory", 100, 0.002),
+        ("/go/", "GET", 200, "HIT", "memory", 0, 1e-7),
+        ("/pypi/", "HEAD", 404, "MISS", "none", 0, 0.02),
+        ("/go/", "GET", 304, "REVALIDATED", "disk", 0, 0.3),
+        ("/go/", "BREW", 502, "BYPASS", "none", 7, 70.0),
+        ("/go/", "GET", 200, "HIT", "disk", 3, 0.005),  # on a bucket bound
+    ]
+    m = Metrics()
+    reference = CollectorRegistry()
+    requests = Counter(
+        "proxychain_requests",
+        "Client requests by route, method, status class, cache outcome and tier.",
+        ["route", "method", "status", "outcome", "tier"],
+        registry=reference,
+    )
+    sent = Counter(
+        "proxychain_sent_bytes",
+        "Body bytes sent to clients.",
+        ["route", "tier"],
+        registry=reference,
+    )
+    duration = Histogram(
+        "proxychain_request_duration_seconds",
+        "Time from request head to last body byte.",
+        ["route", "outcome"],
+        buckets=DURATION_BUCKETS_SECONDS,
+        registry=reference,
+    )
+    for route, method, status, outcome, tier, nbytes, seconds in calls:
+        m.request_done(route, method, status, outcome, tier, nbytes, seconds)  # type: ignore[arg-type]
+        method = method if method != "BREW" else "OTHER"
+        requests.labels(route, method, f"{status // 100}xx", outcome, tier).inc()
+        duration.labels(route, outcome).observe(seconds)
+        if nbytes:
+            sent.labels(route, tier).inc(nbytes)
+
+    def lines(exposition: bytes) -> list[str]:
+        families = ("proxychain_requests", "proxychain_sent_bytes", "proxychain_request_duration")
+        return [
+            line.rsplit(" ", 1)[0] if "_created{" in line else line  # creation times differ
+            for line in exposition.decode().splitlines()
+            if any(family in line for family in families)
+        ]
+
+    expected = lines(generate_latest(reference))
+    # HELP and TYPE of 3 families and their _created; 5 + 3 counter series; 4 histograms.
+    assert len(expected) == 3 * 4 + 5 * 2 + 3 * 2 + 4 * (len(DURATION_BUCKETS_SECONDS) + 4)
+    assert lines(m.render()[0]) == expected
 
 
 def test_upstream_done_statuses_and_error_kinds() -> None:

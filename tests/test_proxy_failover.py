@@ -31,6 +31,7 @@ from proxychain.breaker import BreakerConfig, BreakerState, BreakerStatistics
 from proxychain.clock import Clock
 from proxychain.disk import DiskTier
 from proxychain.failover import DEFAULT_RETRY_BACKOFF
+from proxychain.http import Request
 from proxychain.proxy import Proxy, open_proxy
 from proxychain.server import Server, serve
 from proxychain.upstream import Origin
@@ -279,6 +280,80 @@ async def test_health_checks_open_and_close_the_breaker_without_client_requests(
         )
         await trio.sleep_until(2.0 + o0 + o1 + 1.001)
         assert origins["a"].count("/healthz") == 2  # closed: probed every interval again
+
+
+@dataclass
+class ResettingOrigin(FakeOrigin):
+    """A fake origin that, while ``down``, reads each request (so :meth:`count` sees it) and
+    drops the connection without an answer, like a crashed origin's port."""
+
+    down: bool = False
+
+    async def _answer(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: Request, reply: Reply
+    ) -> bool:
+        if self.down:
+            return False
+        return await super()._answer(conn, stream, request, reply)
+
+
+async def test_with_health_checks_the_probe_takes_the_trials_and_clients_never_do(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin = ResettingOrigin()
+    # A new connection for every upstream request, so each one meets the dead upstream.
+    close = ("connection", "close")
+    origin.set("/healthz", Reply(headers=[close], body=b"ok"))
+    headers = [("etag", '"v1"'), ("cache-control", "max-age=1, stale-if-error=600"), close]
+
+    def k_reply(request: Request) -> Reply:
+        fresh = request.headers.get("if-none-match") == '"v1"'
+        return Reply(status=304 if fresh else 200, headers=headers, body=b"v1")
+
+    origin.set("/k", k_reply)
+    # The probe interval is longer than the first open intervals: clients are there when
+    # each half-open trial falls due, and the probe only comes later.
+    r = route(A, breaker=BREAKER, health_path="/healthz", health_interval="5s")
+    async with open_harness(tmp_path, [r], {"a": origin}, monkeypatch) as h:
+        assert (await h.get("/k")).headers["x-cache"] == "MISS"
+        await trio.sleep_until(1.5)  # stale now
+        origin.down = True
+        # Two failed revalidations open the breaker; the stale copy answers both.
+        for at in (1.5, 1.75):
+            await trio.sleep_until(at)
+            got = await h.get("/k")
+            assert (got.status, got.body, got.headers["x-cache"]) == (200, b"v1", "STALE")
+        assert h.stats(A).state is OPEN
+        assert origin.count("/k") == 3  # the fill and the two revalidations
+        first_due = h.stats(A).next_probe_at
+        assert first_due is not None
+        assert first_due < 5.0  # before the probe's next tick
+        # A long outage, a client request every STEP: none of them reaches the upstream, while
+        # the probe takes every half-open trial (and fails it).
+        outage_end = 30.0
+        while trio.current_time() + STEP < outage_end:
+            await trio.sleep(STEP)
+            got = await h.get("/k")
+            assert (got.status, got.body, got.headers["x-cache"]) == (200, b"v1", "STALE")
+            assert h.stats(A).state is OPEN
+        assert origin.count("/k") == 3
+        stats = h.stats(A)
+        # The trip, then nine half-open probes that failed and reopened it. The first trial
+        # fell due at ``first_due`` with clients asking every STEP, and waited for the probe.
+        assert (stats.open_count, origin.count("/healthz")) == (10, 9)
+        assert h.net.times("a")[:4] == [0.0, 1.5, 1.75, 5.0]
+        assert len(h.net.times("a")) == 3 + 9  # every other connection was a probe
+        origin.down = False
+        due = stats.next_probe_at
+        assert due is not None
+        await trio.sleep_until(due - 0.001)
+        assert (await h.get("/k")).headers["x-cache"] == "STALE"  # open until the probe
+        await trio.sleep_until(due + 0.001)
+        assert h.stats(A).state is CLOSED  # the probe at ``due`` succeeded
+        assert origin.count("/k") == 3
+        got = await h.get("/k")  # the next client request reaches the upstream again
+        assert (got.status, got.body, got.headers["x-cache"]) == (200, b"v1", "REVALIDATED")
+        assert origin.count("/k") == 4
 
 
 # ---- 2. "," semantics -------------------------------------------------------------------------

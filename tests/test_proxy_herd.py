@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from proxychain.coalesce import Fill
-from proxychain.http import Request, ResponseHead
+from proxychain.http import Headers, Request, ResponseHead
 from tests.fakes import Reply
 from tests.test_proxy_caching import AUTOJUMP_THRESHOLD, Got, Harness, open_harness
 
@@ -295,27 +295,27 @@ async def test_waiter_leaving_mid_body_leaves_the_others_whole(
     assert h.origin.count("/blob") == 1
 
 
-async def test_waiters_share_one_opened_temp_file(
+async def test_waiters_take_duplicates_of_the_leaders_descriptor_without_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "fill.part"
     path.write_bytes(b"0123456789")
     fill = Fill("k")
-    fill.publish_head(ResponseHead(status=200), None, path, True)
-    opened: list[object] = []
+    threads: list[object] = []
     real = trio.to_thread.run_sync
 
     async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
-        opened.append(fn)
+        threads.append(fn)
         return await real(fn, *args, **kw)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting)
-    files = [await fill.open_follower() for _ in range(3)]
+    fill.publish_head(ResponseHead(status=200), None, open(path, "rb"), True)  # noqa: SIM115
+    files = [fill.open_follower() for _ in range(3)]
     fill.finish(None)
-    late = await fill.open_follower()
+    late = fill.open_follower()
     fill.close_shared()
     try:
-        assert opened == [open]
+        assert threads == []
         # Each waiter's own descriptor stays readable after the shared one closed (pread:
         # the descriptors share one file offset).
         assert [os.pread(f.fileno(), 10, 0) for f in files if f is not None] == [b"0123456789"] * 3
@@ -324,3 +324,62 @@ async def test_waiters_share_one_opened_temp_file(
         for f in files:
             if f is not None:
                 f.close()
+
+
+def _filling(path: Path, size: int) -> Fill:
+    fill = Fill("k")
+    head = ResponseHead(status=200, headers=Headers([("content-length", str(size))]))
+    fill.publish_head(head, None, open(path, "rb"), True)  # noqa: SIM115
+    return fill
+
+
+async def test_waiters_get_the_leaders_pieces_from_memory_before_any_reach_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "fill.part"
+    path.write_bytes(b"")  # the writer's first batch is still in memory
+    fill = _filling(path, 6)
+    fill.waiters = 1
+    file = fill.open_follower()
+    assert file is not None
+
+    async def no_thread(fn: Any, *args: Any, **kw: Any) -> Any:
+        raise AssertionError(f"unexpected worker-thread call {fn}")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    first, second = b"abc", b"def"
+    body = fill.follow(file)
+    try:
+        fill.publish_body(first, 0)
+        got = [await body.__anext__()]
+        fill.publish_body(second, 0)
+        got.append(await body.__anext__())
+        with pytest.raises(StopAsyncIteration):
+            await body.__anext__()
+    finally:
+        file.close()
+        fill.close_shared()
+    assert got == [b"abc", b"def"]
+    assert got[0] is first  # the leader's own bytes object, not a copy
+
+
+async def test_a_waiter_behind_the_window_reads_the_file_then_catches_up_in_memory(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fill.part"
+    path.write_bytes(b"abcdef")  # what the writer has written so far
+    fill = _filling(path, 10)
+    fill.publish_body(b"abcd", 0)
+    fill.publish_written(4)  # nobody follows yet: written pieces leave memory at once
+    fill.publish_body(b"efghij", 4)
+    fill.publish_written(6)  # "ghij" is not in the file: that piece must stay
+    assert fill._live == [b"efghij"]
+    fill.waiters = 1
+    file = fill.open_follower()
+    assert file is not None
+    try:
+        got = [chunk async for chunk in fill.follow(file)]
+    finally:
+        file.close()
+        fill.close_shared()
+    assert got == [b"abcdef", b"ghij"]

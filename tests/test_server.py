@@ -23,10 +23,12 @@ from proxychain.server import (
     ClientInfo,
     Exchange,
     H11Sink,
+    RequestHead,
     Server,
     _Connection,
     _direct_head,
     _has_body,
+    _plain_head,
     _sendfile_some,
     prepare,
 )
@@ -158,6 +160,118 @@ async def test_shutdown_during_a_request_closes_after_its_response() -> None:
 async def test_pipelined_requests_are_answered_in_order() -> None:
     writes = await _writes(GET + GET.replace(b"/x", b"/y"), _Answer(200, [b"z"]))
     assert writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"] * 2
+
+
+PLAIN_HEADS = [
+    GET,
+    HEAD,
+    b"GET /a?b=c&d HTTP/1.1\r\nHost: a:8080\r\nUser-Agent: x y\r\nX-Empty:\r\n\r\n",
+    b"GET http://a/x HTTP/1.1\r\nhost:a\r\nAccept:  */* \t\r\nRange: bytes=0-1\r\n\r\n",
+]
+NOT_PLAIN_HEADS = [
+    GET + GET,  # pipelined: h11 keeps the rest
+    GET[:-2],  # incomplete
+    b"GET /x HTTP/1.1\nHost: a\n\n",  # bare LF
+    b"GET /x HTTP/1.1\r\nHost: a\rb\r\n\r\n",  # bare CR
+    b"\r\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n",
+    b"get /x HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+    b"GET /x y HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\n\r\n",  # no Host: h11 answers 400
+    b"GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX-Fold: a\r\n b\r\n\r\n",  # obs-fold
+    b"GET /x HTTP/1.1\r\nHost : a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX: caf\xc3\xa9\r\n\r\n",  # obs-text
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n",
+    b"",  # the client's end
+]
+
+
+def _h11_head(data: bytes) -> RequestHead:
+    """What h11 makes of ``data``: the request, and nothing else taken from it."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    assert conn.next_event() == h11.EndOfMessage()  # no body
+    assert conn.trailing_data == (b"", False)
+    return RequestHead(event.method, event.target, tuple(event.headers.raw_items()))
+
+
+@pytest.mark.parametrize("data", PLAIN_HEADS)
+def test_plain_head_is_what_h11_makes_of_it(data: bytes) -> None:
+    assert _plain_head(data) == _h11_head(data)
+
+
+@pytest.mark.parametrize("data", NOT_PLAIN_HEADS)
+def test_other_heads_are_left_to_h11(data: bytes) -> None:
+    assert _plain_head(data) is None
+
+
+class _Reads(trio.abc.ReceiveStream):
+    """A client stream that returns one given chunk per read, then its end."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def _serve_reads(chunks: list[bytes], handler: _Answer) -> bytes:
+    """Serve requests that arrive one read each; everything the server wrote."""
+    send = MemorySendStream()
+    server = Server(handler, ServerSettings(), Clock(WALL_ANCHOR))
+    await server.handle_connection(trio.StapledStream(send, _Reads(chunks)))
+    return bytes(send.get_data_nowait())
+
+
+async def test_plain_heads_are_served_without_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    fed: list[bytes] = []
+    receive_data = h11.Connection.receive_data
+
+    def record(conn: h11.Connection, data: bytes) -> None:
+        fed.append(data)
+        receive_data(conn, data)
+
+    monkeypatch.setattr(h11.Connection, "receive_data", record)
+    out = await _serve_reads([GET, HEAD], _Answer(200, [b"z"]))
+    assert out == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nzHTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"
+    )
+    assert fed == [b""]  # only the client's end
+
+
+async def test_plain_head_answered_through_h11_keeps_the_connection() -> None:
+    class _Unframed(_Answer):
+        async def handle(self, *args: object) -> None:
+            sink = args[2]
+            assert isinstance(sink, H11Sink)
+            await sink.start(ResponseHead(status=200, headers=Headers([("x", "y")])))
+            await sink.send(b"ab")
+            await sink.end()
+
+    out = await _serve_reads([GET, GET, GET + GET], _Unframed(200, []))
+    chunked = b"HTTP/1.1 200 OK\r\nx: y\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+    assert out == chunked * 4
+
+
+async def test_bad_head_after_plain_ones_gets_400() -> None:
+    out = await _serve_reads([GET, b"GET /x HTTP/1.1\r\n\r\n", GET], _Answer(200, [b"z"]))
+    first, rest = out.split(b"\r\n\r\nz", 1)
+    assert first == b"HTTP/1.1 200 OK\r\ncontent-length: 1"
+    assert rest.startswith(b"HTTP/1.1 400 ")
+    assert b"HTTP/1.1 200" not in rest  # the connection closed after the 400
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,13 @@ async def _get(url: str) -> httpx.Response:
 async def test_two_workers_share_port_disk_tier_restart_and_stop(tmp_path: Path) -> None:
     origin = FakeOrigin()
     origin.set("/a.txt", ok(b"shared\n", ("cache-control", "max-age=600")))
+    old_purges = tmp_path / "cache" / "purge.log"  # from an earlier run of the cache dir
+    old_purges.parent.mkdir()
+    old_purges.write_text('{"url": "http://old/a.txt", "prefix": null}\n')
     async with serve_origin(origin) as upstream:
         with _supervisor(tmp_path, upstream) as proc:
             (port,) = await _wait_for(tmp_path, r"supervising 2 workers on 127\.0\.0\.1:(\d+)")
+            assert not old_purges.exists()  # emptied before any worker follows it
             await _wait_for(tmp_path, SERVING, count=2)
             serving = set(_pids(_log(tmp_path), SERVING))
             url = f"http://127.0.0.1:{port}/a.txt"
