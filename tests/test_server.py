@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import h11
 import pytest
@@ -14,6 +15,7 @@ from trio.testing import MemoryReceiveStream, MemorySendStream
 from proxychain.clock import Clock
 from proxychain.http import Headers, Request, ResponseHead
 from proxychain.server import (
+    ACCEPT_BURST,
     BIG_WRITE_BYTES,
     BIG_WRITE_LOWAT,
     COALESCE_MAX_BYTES,
@@ -25,6 +27,7 @@ from proxychain.server import (
     H11Sink,
     RequestHead,
     Server,
+    _accept_loop,
     _Connection,
     _direct_head,
     _has_body,
@@ -593,3 +596,51 @@ async def test_a_big_write_lifts_the_unsent_threshold_and_restores_it() -> None:
     assert lowat == TRIO_NOTSENT_LOWAT
     for stream in (client, server_stream, *listeners):
         await stream.aclose()
+
+
+@pytest.mark.loopback
+async def test_accept_loop_takes_waiting_connections_in_bursts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections queued before the loop wakes are taken a burst per wake-up, all of them,
+    each as a trio stream with TCP_NODELAY; the listener stays open after the loop ends."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2 * ACCEPT_BURST + 3)]
+    taken: list[tuple[int, trio.SocketStream]] = []  # (wake-up, stream)
+    wakes = 0
+    all_taken = trio.Event()
+    real_wait_readable = trio.lowlevel.wait_readable
+
+    async def counting_wait_readable(sock: Any) -> None:
+        nonlocal wakes
+        await real_wait_readable(sock)
+        wakes += 1
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait_readable)
+
+    class Handlers:
+        def start_soon(self, fn: object, stream: trio.SocketStream) -> None:
+            taken.append((wakes, stream))
+            if len(taken) == len(clients):
+                all_taken.set()
+
+    class NoServer:
+        handle_connection = None
+
+    async with trio.open_nursery() as nursery:
+        handlers, server = cast("trio.Nursery", Handlers()), cast("Server", NoServer())
+        nursery.start_soon(_accept_loop, listeners[0], handlers, server)
+        with trio.fail_after(5):
+            await all_taken.wait()
+        nursery.cancel_scope.cancel()
+    per_wake = [sum(1 for w, _ in taken if w == n) for n in sorted({w for w, _ in taken})]
+    assert per_wake == [ACCEPT_BURST, ACCEPT_BURST, 3]
+    for _, stream in taken:
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await stream.aclose()
+    late = await trio.open_tcp_stream("127.0.0.1", port)  # the listener is still open
+    for stream in (late, *clients):
+        await stream.aclose()
+    for listener in listeners:
+        await listener.aclose()
