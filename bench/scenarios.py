@@ -351,6 +351,9 @@ async def outage(bench: Bench) -> list[Row]:
     run_s = 3.0 if bench.quick else 10.0
     rows: dict[str, dict[str, float | str]] = {}
     for name, proxy in bench.caches.items():
+        # A health-probing proxy saw the origin die in the targets' outages before its own,
+        # and may still hold it for down: its keys must be filled from the live origin.
+        await _until_serving(bench, proxy.port, name)
         paths = [
             bytes_path(size, bench.key("outage", name, i), max_age=1, sie=3600)
             for i in range(keys_n)
@@ -388,8 +391,7 @@ async def outage(bench: Bench) -> list[Row]:
         ):
             rows.setdefault(metric, {})[name] = value
         await trio.sleep(1.0)  # let a health-probing proxy see the origin back
-    # Health-probing proxies saw the origin die again in every later target's outage, and may
-    # still hold it for down: the scenarios that follow need them serving from it again.
+    # ... and the scenarios that follow need every proxy serving from it again.
     for name, proxy in bench.caches.items():
         await _until_serving(bench, proxy.port, name)
     scen = f"outage {run_s:g} s, {keys_n} stale keys (max-age=1, stale-if-error=3600)"

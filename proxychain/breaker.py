@@ -30,7 +30,10 @@ belongs to the health probe. That spares a sick upstream real requests (each tri
 takes is one more request sent to an upstream known to be down, and one client waiting on it),
 while the probe is cheap and has no client waiting on it; the upstream returns to service when
 a probe succeeds. Without health checks clients take the trial (``trial=True``, the default),
-or nothing would ever close the breaker.
+or nothing would ever close the breaker. A health probe paces itself (``health_interval``), so
+``allow(now, probe=True)`` lets it take the trial while OPEN even before ``next_probe_at``: a
+recovered upstream is back within a probe interval, not within an open interval that has grown
+to ``open_cap`` during a long outage, and a probe costs the upstream almost nothing.
 
 Open intervals. The k-th consecutive opening (k = 0 for the first after CLOSED) stays open for
 ``Backoff(base=open_base, factor=2, cap=open_cap, jitter="equal").delay(k, rng)`` seconds:
@@ -280,12 +283,14 @@ class Breaker:
         """Whether a response with ``status`` counts against the upstream."""
         return status in self.config.failure_statuses
 
-    def allow(self, now: float, *, trial: bool = True) -> bool:
+    def allow(self, now: float, *, trial: bool = True, probe: bool = False) -> bool:
         """Whether a request (or health probe) may go to the upstream now.
 
         ``trial=False`` is a caller that must leave the half-open trial to someone else (a
         client request on a route whose health probe owns the trial; see the module
         docstring): it gets True only while CLOSED, and its call moves nothing.
+        ``probe=True`` is a health probe: while OPEN it may take the trial before
+        ``next_probe_at`` (it paces itself).
 
         A True in HALF_OPEN grants *the* trial: the caller must report its outcome with
         :meth:`on_success`, :meth:`on_failure` or :meth:`on_abandon`.
@@ -295,7 +300,7 @@ class Breaker:
             return False
         if self._state is OPEN:
             assert c.next_probe_at is not None
-            if now < c.next_probe_at:
+            if now < c.next_probe_at and not probe:
                 return False
             self._fire(BreakerEvent.PROBE_DUE, now)  # not reported: statistics() shows it
         if self._state is HALF_OPEN:

@@ -2,13 +2,13 @@
 
 A probe is a plain GET whose outcome feeds the upstream's breaker, so a recovered upstream is
 noticed without risking a client's request on it. While the breaker is CLOSED the probe runs
-every ``health_interval``; while it is OPEN the probe waits for the breaker's next probe time
-and takes the half-open trial itself (``Breaker.allow(trial=True)``). On such a route the
-trial is the probe's alone: client requests ask with ``trial=False`` and are refused until a
-probe closes the breaker, which spares a sick upstream real requests (the probe is cheap and
-has no client waiting on it). A breaker that clients open while the probe sleeps out its
-interval gets its first trial at the probe's next wake-up, so up to ``health_interval`` after
-it fell due.
+every ``health_interval``; while it is OPEN the probe runs at the breaker's next probe time or
+after ``health_interval``, whichever comes first, and takes the half-open trial itself
+(``Breaker.allow(probe=True)``), so a long outage's growing open intervals do not delay the
+return of a recovered upstream beyond one probe interval. On such a route the trial is the
+probe's alone: client requests ask with ``trial=False`` and are refused until a probe closes
+the breaker, which spares a sick upstream real requests (the probe is cheap and has no client
+waiting on it).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ async def _probe_loop(route: Route, url: str, clock: Clock, node_name: str) -> N
             await trio.sleep(interval)
         now = clock.monotonic()
         was = breaker.state
-        if not breaker.allow(now, trial=True):  # the prober owns the half-open trial
+        if not breaker.allow(now, probe=True):  # the prober owns the half-open trial
             continue
         log_state_change(route, url, probe_due_change(was, breaker, now))
         ok = await _probe(pool, request, route.settings.timeouts.first_byte)

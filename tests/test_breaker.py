@@ -391,3 +391,16 @@ def test_invariants(ops: list[tuple[str, float]], failures: int, seed: int) -> N
         assert stats.open_count == 0
     if stats.state is CLOSED:
         assert failures == 0 or stats.consecutive_failures < failures
+
+
+def test_a_probe_may_take_the_trial_before_the_open_interval_ends() -> None:
+    breaker = Breaker(BreakerConfig(failures=1, open_jitter="none"), rng=random.Random(0))
+    breaker.on_failure(10.0)
+    assert breaker.statistics().next_probe_at == 11.0  # open_base
+    assert not breaker.allow(10.5)  # a client: not yet
+    assert not breaker.allow(10.5, trial=False)
+    assert breaker.allow(10.5, probe=True)  # a health probe paces itself
+    assert breaker.statistics().state is BreakerState.HALF_OPEN
+    assert not breaker.allow(10.6, probe=True)  # one trial at a time, probe or not
+    breaker.on_success(10.7)
+    assert breaker.statistics().state is BreakerState.CLOSED
