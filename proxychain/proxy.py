@@ -1119,7 +1119,10 @@ async def open_proxy(
     cache = settings.cache
     routes = build_routes(settings.routes, clock=clock, connect=connect, rng=rng)
     async with open_disk_tier(
-        cache.dir, max_bytes=cache.disk_max, limiter=trio.CapacityLimiter(cache.disk_threads)
+        cache.dir,
+        max_bytes=cache.disk_max,
+        limiter=trio.CapacityLimiter(cache.disk_threads),
+        exclusive=settings.server.workers <= 1,  # sibling workers write the tier too
     ) as disk:
         memory = MemoryTier(max_bytes=cache.memory_max, object_max=cache.memory_object_max)
         store = Store(memory, disk)

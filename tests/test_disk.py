@@ -196,6 +196,38 @@ async def test_empty_body_and_variants(tier: DiskTier) -> None:
     assert await tier.lookup(hexkey("other")) == []
 
 
+async def _store(tier: DiskTier, key: str, variant: str, body: bytes) -> Entry:
+    writer = await tier.open_writer(key, variant)
+    await writer.write(body)
+    return await writer.commit(make_entry(key, variant, vary={"accept-encoding": "gzip"}))
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+async def test_a_key_the_whole_index_lacks_is_a_miss_without_a_disk_read_when_exclusive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exclusive: bool
+) -> None:
+    reads: list[str] = []
+    real = disk_module._read_key_dir
+
+    def counting(key_dir: Path, key: str) -> Any:
+        reads.append(key)
+        return real(key_dir, key)
+
+    monkeypatch.setattr(disk_module, "_read_key_dir", counting)
+    other = hexkey("other")
+    async with open_disk_tier(
+        tmp_path, max_bytes=MiB, rescan_interval=None, exclusive=exclusive
+    ) as tier:
+        await tier.wait_index_ready()
+        varied = await _store(tier, KEY, VARIANT, b"gzipped")
+        assert await tier.lookup(other) == []
+        assert await tier.lookup(KEY) == [varied]  # indexed under a Vary variant only
+        await tier.remove(KEY)
+        assert await tier.lookup(KEY) == []
+    # Exclusive: only the lookup of an indexed key read the disk.
+    assert reads == ([KEY] if exclusive else [other, KEY, KEY])
+
+
 async def test_tmp_path_is_readable_while_written(tier: DiskTier) -> None:
     writer = await tier.open_writer(KEY, "")
     await writer.write(b"part one ")
