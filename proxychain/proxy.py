@@ -1123,6 +1123,7 @@ async def open_proxy(
         max_bytes=cache.disk_max,
         limiter=trio.CapacityLimiter(cache.disk_threads),
         exclusive=settings.server.workers <= 1,  # sibling workers write the tier too
+        create_ahead=True,
     ) as disk:
         memory = MemoryTier(max_bytes=cache.memory_max, object_max=cache.memory_object_max)
         store = Store(memory, disk)

@@ -228,6 +228,46 @@ async def test_a_key_the_whole_index_lacks_is_a_miss_without_a_disk_read_when_ex
     assert reads == ([KEY] if exclusive else [other, KEY, KEY])
 
 
+async def test_the_next_writers_temp_file_is_made_ahead_and_removed_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[Path] = []
+    real_create = disk_module._create
+    real_make = DiskTier._make_spare_now
+    made: list[trio.Event] = [trio.Event()]
+
+    def counting(path: Path) -> Any:
+        created.append(path)
+        return real_create(path)
+
+    async def announcing(self: DiskTier) -> None:
+        await real_make(self)
+        made[-1].set()
+        made.append(trio.Event())
+
+    monkeypatch.setattr(disk_module, "_create", counting)
+    monkeypatch.setattr(DiskTier, "_make_spare_now", announcing)
+    async with open_disk_tier(
+        tmp_path, max_bytes=MiB, rescan_interval=None, create_ahead=True
+    ) as tier:
+        first = await tier.open_writer(KEY, "")
+        assert created == [first.tmp_path]  # nothing made ahead yet: made here
+        await made[0].wait()  # ... and the next one in the background
+        spare = tier.spare_path
+        assert spare is not None
+        assert created == [first.tmp_path, spare]
+        await first.abort()
+        second = await tier.open_writer(hexkey("second"), "")
+        assert second.tmp_path == spare  # taken, not made
+        await second.write(b"body")
+        entry = await second.commit(make_entry(hexkey("second")))
+        assert b"".join(await read_all(tier, entry)) == b"body"
+        await made[1].wait()
+        assert len(created) == 3
+        assert files(tmp_path, "tmp") == [created[2].name]
+    assert files(tmp_path, "tmp") == []
+
+
 async def test_tmp_path_is_readable_while_written(tier: DiskTier) -> None:
     writer = await tier.open_writer(KEY, "")
     await writer.write(b"part one ")
