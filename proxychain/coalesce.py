@@ -139,9 +139,9 @@ class Fill:
         self._head_known.set()
         self._notify()
 
-    def publish_body(self, piece: bytes, written: int) -> None:
-        """The leader accepted ``piece``, the body's next bytes; ``written`` bytes of the body
-        are in the temp file."""
+    def publish_body(self, piece: bytes) -> None:
+        """The leader accepted ``piece``, the body's next bytes (follow with
+        :meth:`publish_written` once the writer took it)."""
         before = self.state.received
         received = self.state.received = before + len(piece)
         if type(piece) is not bytes:
@@ -151,7 +151,6 @@ class Fill:
         self._live.append(piece)
         self._live_offsets.append(before)
         self._live_size += len(piece)
-        self.publish_written(written)
         # Batch wake-ups by size, but never let a slow trickle (a slow WAN), the first bytes of
         # a herd's fill or the body's last bytes wait for a whole step.
         if (

@@ -838,10 +838,9 @@ class Proxy:
                 if writer is not None:
                     if fill is not None:
                         # Waiters have the piece before the writer's batch reaches the disk.
-                        fill.publish_body(chunk, writer.bytes_written)
-                    written = writer.bytes_written
+                        fill.publish_body(chunk)
                     await writer.write(chunk)
-                    if fill is not None and writer.bytes_written != written:
+                    if fill is not None:
                         fill.publish_written(writer.bytes_written)
                 if client_ok and sink is not None:
                     client_ok = await _try(sink.send(chunk))

@@ -350,9 +350,9 @@ async def test_waiters_get_the_leaders_pieces_from_memory_before_any_reach_the_f
     first, second = b"abc", b"def"
     body = fill.follow(file)
     try:
-        fill.publish_body(first, 0)
+        fill.publish_body(first)
         got = [await body.__anext__()]
-        fill.publish_body(second, 0)
+        fill.publish_body(second)
         got.append(await body.__anext__())
         with pytest.raises(StopAsyncIteration):
             await body.__anext__()
@@ -369,9 +369,9 @@ async def test_a_waiter_behind_the_window_reads_the_file_then_catches_up_in_memo
     path = tmp_path / "fill.part"
     path.write_bytes(b"abcdef")  # what the writer has written so far
     fill = _filling(path, 10)
-    fill.publish_body(b"abcd", 0)
+    fill.publish_body(b"abcd")
     fill.publish_written(4)  # nobody follows yet: written pieces leave memory at once
-    fill.publish_body(b"efghij", 4)
+    fill.publish_body(b"efghij")
     fill.publish_written(6)  # "ghij" is not in the file: that piece must stay
     assert fill._live == [b"efghij"]
     fill.waiters = 1
