@@ -28,7 +28,7 @@ from payload import bytes_path
 from procs import HOST, Managed, StartError, peak_rss_kib, reset_peak_rss, rss_kib
 from seed import scale_path
 
-__all__ = ["SCENARIOS", "Bench", "Row", "ratio"]
+__all__ = ["SCENARIOS", "Bench", "Row", "ratio", "table_rows"]
 
 KIB, MIB, GIB = 1024, 1024**2, 1024**3
 HIT_SIZES = (KIB, 64 * KIB, MIB, 32 * MIB)
@@ -44,6 +44,17 @@ class Row:
     metric: str
     values: dict[str, float | str]
     better: str = ""  # "higher", "lower" or "" (not a figure of merit)
+
+
+def table_rows(
+    scenario: str, values: dict[str, dict[str, float | str]], better: dict[str, str]
+) -> list[Row]:
+    """One :class:`Row` per metric of ``values`` (metric -> target -> value), in its order;
+    ``better`` names the metrics that are figures of merit."""
+    return [
+        Row(scenario=scenario, metric=m, values=v, better=better.get(m, ""))
+        for m, v in values.items()
+    ]
 
 
 @dataclass(kw_only=True)
@@ -251,10 +262,7 @@ async def miss(bench: Bench) -> list[Row]:
             "p99 ms": "lower",
             "p50 / origin's p50": "lower",
         }
-        out += [
-            Row(scenario=scen, metric=m, values=v, better=better.get(m, ""))
-            for m, v in rows.items()
-        ]
+        out += table_rows(scen, rows, better)
     return out
 
 
@@ -302,9 +310,7 @@ async def herd(bench: Bench) -> list[Row]:
         "first byte p50 ms": "lower",
         "first byte p99 ms": "lower",
     }
-    return [
-        Row(scenario=scen, metric=m, values=v, better=better.get(m, "")) for m, v in rows.items()
-    ]
+    return table_rows(scen, rows, better)
 
 
 async def _kill_origin(bench: Bench) -> Managed:
@@ -397,9 +403,7 @@ async def outage(bench: Bench) -> list[Row]:
         await _until_serving(bench, proxy.port, name)
     scen = f"outage {run_s:g} s, {keys_n} stale keys (max-age=1, stale-if-error=3600)"
     better = {"served 200 while down %": "higher", "upstream attempts while down": "lower"}
-    return [
-        Row(scenario=scen, metric=m, values=v, better=better.get(m, "")) for m, v in rows.items()
-    ]
+    return table_rows(scen, rows, better)
 
 
 async def swr(bench: Bench) -> list[Row]:
@@ -435,9 +439,7 @@ async def swr(bench: Bench) -> list[Row]:
             rows.setdefault(metric, {})[name] = value
     scen = f"swr {run_s:g} s on one key, max-age={max_age}, swr=60 (c={conns}, python)"
     better = {"p50 ms": "lower", "p99 ms": "lower", "stale-hit p99 ms": "lower"}
-    return [
-        Row(scenario=scen, metric=m, values=v, better=better.get(m, "")) for m, v in rows.items()
-    ]
+    return table_rows(scen, rows, better)
 
 
 async def stream1g(bench: Bench) -> list[Row]:
@@ -474,9 +476,7 @@ async def stream1g(bench: Bench) -> list[Row]:
         "peak RSS, largest process MiB": "lower",
         "peak RSS growth, all processes MiB": "lower",
     }
-    return [
-        Row(scenario=scen, metric=m, values=v, better=better.get(m, "")) for m, v in rows.items()
-    ]
+    return table_rows(scen, rows, better)
 
 
 async def scale(bench: Bench) -> list[Row]:
@@ -547,10 +547,7 @@ async def scale(bench: Bench) -> list[Row]:
             "restart: first HIT s": "lower",
         }
         scen = f"scale {n:,} entries on disk (512 B)"
-        rows += [
-            Row(scenario=scen, metric=m, values=v, better=better.get(m, ""))
-            for m, v in values.items()
-        ]
+        rows += table_rows(scen, values, better)
     return rows
 
 

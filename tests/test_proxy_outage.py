@@ -82,20 +82,31 @@ async def test_concurrent_revalidations_of_a_stale_key_with_a_dead_upstream_make
     assert {g.at for g in got} == {10 + RESET_DELAY}
 
 
-async def test_concurrent_revalidations_answered_304_make_one_conditional_request(
-    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    conditional: list[float] = []
+def revalidated_origin(
+    conditional: list[float], cache_control: str, *, delay_304: float
+) -> dict[str, FakeOrigin]:
+    """An origin "a" whose ``/x`` is ``v1`` (ETag ``"v1"``, ``cache_control``); a request
+    with ``If-None-Match: "v1"`` is noted in ``conditional`` (trio time) and answered 304
+    (``max-age=60``) after ``delay_304`` seconds."""
 
     def answer(request: Request) -> Reply:
         etag = [("etag", '"v1"')]
         if request.headers.get("if-none-match") == '"v1"':
             conditional.append(trio.current_time())
-            return Reply(status=304, headers=[("cache-control", "max-age=60"), *etag], delay=0.1)
-        return Reply(headers=[("cache-control", "max-age=1"), *etag], body=b"v1")
+            fresh = [("cache-control", "max-age=60"), *etag]
+            return Reply(status=304, headers=fresh, delay=delay_304)
+        return Reply(headers=[("cache-control", cache_control), *etag], body=b"v1")
 
     origins = origin_with("/x", Reply())
     origins["a"].set("/x", answer)
+    return origins
+
+
+async def test_concurrent_revalidations_answered_304_make_one_conditional_request(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conditional: list[float] = []
+    origins = revalidated_origin(conditional, "max-age=1", delay_304=0.1)
     async with open_harness(tmp_path, [route(A)], origins, monkeypatch) as h:
         await h.get("/x")
         await trio.sleep(10)  # stale, no stale-while-revalidate: each request must revalidate
@@ -146,17 +157,7 @@ async def test_a_revalidation_in_the_background_is_joined_by_a_foreground_one(
     autojump_clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conditional: list[float] = []
-
-    def answer(request: Request) -> Reply:
-        etag = [("etag", '"v1"')]
-        if request.headers.get("if-none-match") == '"v1"':
-            conditional.append(trio.current_time())
-            return Reply(status=304, headers=[("cache-control", "max-age=60"), *etag], delay=0.5)
-        cache = [("cache-control", "max-age=1, stale-while-revalidate=60")]
-        return Reply(headers=[*cache, *etag], body=b"v1")
-
-    origins = origin_with("/x", Reply())
-    origins["a"].set("/x", answer)
+    origins = revalidated_origin(conditional, "max-age=1, stale-while-revalidate=60", delay_304=0.5)
     async with open_harness(tmp_path, [route(A)], origins, monkeypatch) as h:
         await h.get("/x")
         await trio.sleep(10)

@@ -448,10 +448,14 @@ class _Slow(_Answer):
         await super().handle(*args)  # type: ignore[arg-type]
 
 
-async def _closed_after(
-    server: Server, client: trio.abc.Stream, server_side: trio.abc.Stream, send: bytes
-) -> tuple[bytes, float]:
-    """Send ``send``, read until the server closes; what came and when (trio time)."""
+IDLE_SETTINGS = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
+
+
+async def _closed_after(handler: Any, send: bytes) -> tuple[bytes, float]:
+    """Serve one connection with ``handler`` under :data:`IDLE_SETTINGS`: send ``send``,
+    read until the server closes; what came and when (trio time)."""
+    client, server_side = trio.testing.memory_stream_pair()
+    server = Server(handler, IDLE_SETTINGS, Clock(WALL_ANCHOR))
     got = b""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server.close_idle)
@@ -467,10 +471,7 @@ async def _closed_after(
 async def test_idle_keepalive_connection_closes_after_keepalive_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client, server_side = trio.testing.memory_stream_pair()
-    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
-    server = Server(_Answer(200, [b"z"]), settings, Clock(WALL_ANCHOR))
-    got, elapsed = await _closed_after(server, client, server_side, GET)
+    got, elapsed = await _closed_after(_Answer(200, [b"z"]), GET)
     assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nz"
     assert 7.0 <= elapsed <= 7.0 + IDLE_CHECK_MAX_INTERVAL
 
@@ -478,10 +479,7 @@ async def test_idle_keepalive_connection_closes_after_keepalive_timeout(
 async def test_silent_connection_closes_after_header_timeout(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    client, server_side = trio.testing.memory_stream_pair()
-    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
-    server = Server(_Answer(200, [b"z"]), settings, Clock(WALL_ANCHOR))
-    got, elapsed = await _closed_after(server, client, server_side, b"")
+    got, elapsed = await _closed_after(_Answer(200, [b"z"]), b"")
     assert got == b""
     assert 3.0 <= elapsed <= 3.0 + IDLE_CHECK_MAX_INTERVAL
 
@@ -490,10 +488,7 @@ async def test_response_slower_than_the_idle_timeouts_is_not_cut(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # The idle timeout applies while a request head is awaited, never while it is answered.
-    client, server_side = trio.testing.memory_stream_pair()
-    settings = ServerSettings(keepalive_timeout=7.0, header_timeout=3.0)
-    server = Server(_Slow(20.0), settings, Clock(WALL_ANCHOR))
-    got, elapsed = await _closed_after(server, client, server_side, GET + GET)
+    got, elapsed = await _closed_after(_Slow(20.0), GET + GET)
     assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow" * 2
     assert 20.0 + 20.0 + 7.0 <= elapsed <= 20.0 + 20.0 + 7.0 + IDLE_CHECK_MAX_INTERVAL
 
