@@ -208,8 +208,9 @@ async def test_tampered_file_is_refused_and_never_stored(
         stored = await w.stored(f"/pypi/packages/{WHEEL_NAME}")
         failures = w.integrity_failures()
         # At most the next writer's temp file, made ahead (empty), may be there.
-        tmp_left = sorted(p for p in (tmp_path / "cache" / "tmp").iterdir() if p.stat().st_size)
-        made_ahead = [p for p in (tmp_path / "cache" / "tmp").iterdir() if not p.stat().st_size]
+        in_tmp = [(p, p.stat().st_size) for p in (tmp_path / "cache" / "tmp").iterdir()]
+        tmp_left = sorted(p for p, size in in_tmp if size)
+        made_ahead = [p for p, size in in_tmp if not size]
     status, cache, body = expected
     assert (got.status, got.cache) == (status, cache)
     if body is not None:
