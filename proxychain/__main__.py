@@ -26,6 +26,7 @@ from .logs import configure_logging
 from .settings import Settings, default_settings, load_settings, parse_listen
 
 if TYPE_CHECKING:
+    from .balance import Seat
     from .proxy import Proxy
 
 __all__ = ["main", "run"]
@@ -41,6 +42,7 @@ async def run(
     handle_signals: bool = True,
     listeners: list[trio.SocketListener] | None = None,
     worker_id: str | None = None,
+    seat: Seat | None = None,
     watch: Callable[[trio.Event], Awaitable[None]] | None = None,
     label: str = "",
 ) -> None:
@@ -51,6 +53,7 @@ async def run(
         handle_signals: stop on SIGINT/SIGTERM (the first drains, a second stops at once).
         listeners: an already-bound socket to serve (workers share the parent's).
         worker_id: a worker's name, sent in ``x-proxychain-worker``.
+        seat: a worker's place on the board its siblings balance accepts by.
         watch: another task that may set the shutdown event (a worker watching its parent).
         label: logged as "<label> serving" once the listener accepts (a worker's name).
     """
@@ -71,6 +74,7 @@ async def run(
                 task_status=task_status,
                 listeners=listeners,
                 worker_id=worker_id,
+                seat=seat,
                 on_listening=proxy.set_listening,
             )
             nursery.cancel_scope.cancel()

@@ -40,6 +40,7 @@ from typing import BinaryIO, NamedTuple, Protocol
 import h11
 import trio
 
+from .balance import DEFER_S, Seat
 from .clock import Clock
 from .errors import ProxyChainError
 from .http import Headers, Request, ResponseHead, format_http_date
@@ -430,6 +431,7 @@ class Server:
         settings: ServerSettings,
         clock: Clock,
         worker_id: str | None = None,
+        seat: Seat | None = None,
     ) -> None:
         self.proxy = proxy
         self.settings = settings
@@ -439,6 +441,12 @@ class Server:
         self.worker_field = None if worker_id is None else (WORKER_FIELD, worker_id.encode("ascii"))
         self.draining = False
         self._connections: set[_Connection] = set()
+        # Connections accepted and not yet closed, published on ``seat`` (workers sharing
+        # one socket balance their accepts by it; see proxychain.balance).
+        self.seat = seat
+        self.open_connections = 0
+        if seat is not None:
+            seat.report(0)
 
     def start_draining(self) -> None:
         """Stop idle keep-alive connections now; busy ones close after their response."""
@@ -460,6 +468,21 @@ class Server:
             for conn in self._connections:
                 if conn.idle and now >= conn.idle_until:
                     conn.stop_idle()
+
+    def admit(self) -> None:
+        """Count a connection just accepted; :meth:`handle_admitted` serves it."""
+        self.open_connections += 1
+        if self.seat is not None:
+            self.seat.report(self.open_connections)
+
+    async def handle_admitted(self, stream: trio.abc.Stream) -> None:
+        """Serve a connection counted by :meth:`admit`, and count it closed after."""
+        try:
+            await self.handle_connection(stream)
+        finally:
+            self.open_connections -= 1
+            if self.seat is not None:
+                self.seat.report(self.open_connections)
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve requests on one connection until it closes."""
@@ -918,6 +941,7 @@ async def serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     listeners: list[trio.SocketListener] | None = None,
     worker_id: str | None = None,
+    seat: Seat | None = None,
     on_listening: Callable[[bool], None] | None = None,
 ) -> None:
     """Run the data plane until ``shutdown`` is set, then drain.
@@ -930,13 +954,15 @@ async def serve(
         task_status: receives the bound port once listening.
         listeners: already-bound listeners (multi-process workers share one socket).
         worker_id: when set, every response names it in ``x-proxychain-worker``.
+        seat: this worker's place on the board of workers sharing ``listeners``
+            (:mod:`proxychain.balance`).
         on_listening: told ``True`` once accepting and ``False`` when the drain starts
             (readiness).
     """
     if listeners is None:
         listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     port = listeners[0].socket.getsockname()[1]
-    server = Server(proxy, settings, clock, worker_id)
+    server = Server(proxy, settings, clock, worker_id, seat)
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptors:
             for listener in listeners:
@@ -969,14 +995,22 @@ async def _accept_loop(
     pass, and the last of 500 waited seconds for its first byte (slowest 0.6 to 1.9 s,
     against 0.15 to 0.2 s with bursts of 8, on 2 cores; the median did not move). A burst
     is bounded so that one wake-up does not start every newcomer at once.
+
+    A worker sharing the socket (``server.seat``) that has more open connections than a
+    sibling leaves the next one to that sibling for a moment, and ends a burst once ahead.
     """
+    seat = server.seat
     # A second handle on the listening socket, for plain non-blocking accepts; closing it
     # leaves the listener open.
     with socket.socket(fileno=os.dup(listener.socket.fileno())) as raw:
         raw.setblocking(False)
         while True:
             await trio.lowlevel.wait_readable(raw)
-            for _ in range(ACCEPT_BURST):
+            if seat is not None and seat.ahead():
+                await trio.sleep(DEFER_S)  # the sibling was woken too; then take it anyway
+            for taken in range(ACCEPT_BURST):
+                if taken and seat is not None and seat.ahead():
+                    break
                 try:
                     conn, _ = raw.accept()
                 except BlockingIOError:
@@ -988,4 +1022,5 @@ async def _accept_loop(
                     await trio.sleep(0.1)
                     break
                 stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                handlers.start_soon(server.handle_connection, stream)
+                server.admit()
+                handlers.start_soon(server.handle_admitted, stream)

@@ -7,6 +7,9 @@ Theory of operation:
   child exits with ``sigtimedwait``, with those signals blocked so none is lost between checks.
 * Each worker inherits the socket, runs its own proxy (its own memory tier; the disk tier is
   shared and safe for several writers) and answers with ``x-proxychain-worker: <pid>``.
+  The workers publish their open-connection counts on a board in shared memory made before
+  the fork, and one ahead of a sibling leaves new connections to it
+  (:mod:`proxychain.balance`); the supervisor clears a dead worker's count.
   Worker 0 also serves the admin plane; ``/metrics`` there merges every worker's figures.
 * Workers live in their own process group so a terminal's Ctrl-C reaches only the supervisor,
   which forwards SIGTERM once: one graceful drain, not the "second signal: stop now" path.
@@ -32,6 +35,7 @@ from functools import partial
 
 import trio
 
+from .balance import ConnectionBoard, Seat
 from .purgelog import clear_purge_log
 from .settings import ServerSettings, Settings
 
@@ -101,6 +105,7 @@ class _Supervisor:
         self.sock = sock
         self.child_mask = child_mask
         self.workers: dict[int, int] = {}  # pid -> worker index
+        self.board = ConnectionBoard(settings.server.workers)
         self.restarts: list[float] = []  # monotonic times of recent restarts
 
     def run(self) -> int:
@@ -127,7 +132,8 @@ class _Supervisor:
         if pid == 0:
             code = 1
             try:
-                code = _worker_main(self.settings, self.sock, index, self.child_mask)
+                seat = self.board.seat(index)
+                code = _worker_main(self.settings, self.sock, seat, self.child_mask)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -157,6 +163,7 @@ class _Supervisor:
             index = self.workers.pop(pid, None)
             if index is not None:
                 _forget_metrics(pid)
+                self.board.seat(index).report(0)  # its connections died with it
                 exited.append((pid, index, status))
         return exited
 
@@ -203,16 +210,16 @@ def _forget_metrics(pid: int) -> None:
 # -- inside a worker ----------------------------------------------------------------------------
 
 
-def _worker_main(settings: Settings, sock: socket.socket, index: int, mask: set[int]) -> int:
+def _worker_main(settings: Settings, sock: socket.socket, seat: Seat, mask: set[int]) -> int:
     os.setpgid(0, 0)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    if index != 0:
+    if seat.index != 0:
         settings = settings.replace(admin=dataclasses.replace(settings.admin, enabled=False))
-    trio.run(_worker, settings, sock, index, os.getppid())
+    trio.run(_worker, settings, sock, seat, os.getppid())
     return 0
 
 
-async def _worker(settings: Settings, sock: socket.socket, index: int, parent: int) -> None:
+async def _worker(settings: Settings, sock: socket.socket, seat: Seat, parent: int) -> None:
     from .__main__ import run
 
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -220,8 +227,9 @@ async def _worker(settings: Settings, sock: socket.socket, index: int, parent: i
         settings,
         listeners=[listener],
         worker_id=str(os.getpid()),
+        seat=seat,
         watch=partial(_watch_parent, parent),
-        label=f"worker {index} (pid {os.getpid()})",
+        label=f"worker {seat.index} (pid {os.getpid()})",
     )
 
 

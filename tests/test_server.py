@@ -621,7 +621,11 @@ async def test_accept_loop_takes_waiting_connections_in_bursts(
                 all_taken.set()
 
     class NoServer:
-        handle_connection = None
+        seat = None
+        handle_admitted = None
+
+        def admit(self) -> None:
+            pass
 
     async with trio.open_nursery() as nursery:
         handlers, server = cast("trio.Nursery", Handlers()), cast("Server", NoServer())

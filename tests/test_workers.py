@@ -25,6 +25,7 @@ POLL_S = 0.05
 START_TIMEOUT_S = 10.0  # interpreter start-up plus imports, on a loaded CI machine
 STOP_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 200  # fresh connections tried before giving up on seeing both workers
+HELD_CONNECTIONS = 6  # kept open at once by the balance test
 
 CONFIG = """\
 [server]
@@ -163,3 +164,29 @@ def test_multiproc_dir_is_wiped_of_stale_figures(
     monkeypatch.setenv(workers.MULTIPROC_DIR_ENV, str(tmp_path))
     assert workers._prepare_multiproc_dir() is None
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+async def test_connections_held_open_are_shared_between_the_workers(tmp_path: Path) -> None:
+    """Connections opened one after another and kept open go to the worker with fewer: the
+    one ahead leaves each new connection to its sibling for a moment (proxychain.balance)."""
+    origin = FakeOrigin()
+    origin.set("/a.txt", ok(b"shared\n", ("cache-control", "max-age=600")))
+    async with serve_origin(origin) as upstream:
+        with _supervisor(tmp_path, upstream) as proc:
+            (port,) = await _wait_for(tmp_path, r"supervising 2 workers on 127\.0\.0\.1:(\d+)")
+            await _wait_for(tmp_path, SERVING, count=2)
+            answered: list[str] = []
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(HELD_CONNECTIONS):
+                    client = await held.enter_async_context(httpx.AsyncClient())
+                    response = await client.get(f"http://127.0.0.1:{port}/a.txt")
+                    assert response.status_code == 200
+                    answered.append(response.headers["x-proxychain-worker"])
+            shares = sorted(answered.count(pid) for pid in set(answered))
+            # Even, give or take one connection a busy machine woke a worker too late for.
+            assert len(shares) == 2, answered
+            assert shares[0] >= HELD_CONNECTIONS // 2 - 1, answered
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(STOP_TIMEOUT_S):
+                while proc.poll() is None:
+                    await trio.sleep(POLL_S)
