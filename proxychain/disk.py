@@ -533,6 +533,24 @@ def _load(path: Path, size: int, sha256: str) -> bytes:
     return data
 
 
+def _read_key_dir_loaded(
+    key_dir: Path, key: str, load_max: int
+) -> tuple[list[Found], list[Problem], list[bytes | CacheCorrupt] | None]:
+    """:func:`_read_key_dir`, plus every body (or why it failed its check) when each is at
+    most ``load_max`` bytes; ``None`` for the bodies otherwise."""
+    found, problems = _read_key_dir(key_dir, key)
+    if not found or any(entry.body_size > load_max for entry, _, _ in found):
+        return found, problems, None
+    bodies: list[bytes | CacheCorrupt] = []
+    for entry, _, _ in found:
+        path = key_dir / _body_name(entry.variant, entry.sha256)
+        try:
+            bodies.append(_load(path, entry.body_size, entry.sha256))
+        except CacheCorrupt as exc:
+            bodies.append(exc)
+    return found, problems, bodies
+
+
 def _hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -634,6 +652,16 @@ def _replace_meta(key_dir: Path, entry: Entry, meta: bytes, tmp_meta: Path) -> b
 
 
 # ---- the trio shell --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedLookup:
+    """What :meth:`DiskTier.lookup_loaded` found: the entries, newest response first, and
+    their bodies in the same order when they were small enough to read (else ``None``)."""
+
+    entries: list[Entry]
+    bodies: list[bytes] | None
+    dropped: int  # entries whose body failed its check (dropped and logged by the tier)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -841,19 +869,65 @@ class DiskTier:
             ValueError: ``key`` is not a lower-case hex digest.
         """
         check_key(key)
-        if (
+        if self._known_absent(key):
+            return []
+        found, problems = await self._run(_read_key_dir, self._key_dir(key), key)
+        return [entry for entry, _ in self._found(found, problems, None)]
+
+    async def lookup_loaded(self, key: str, load_max: int) -> LoadedLookup:
+        """:meth:`lookup`, and, when every variant's body is at most ``load_max`` bytes, the
+        bodies too, checked against their sha256 in the same worker-thread call (for a small
+        entry the hop to a thread and back costs more than reading it). A body that fails
+        its check is dropped with its entry, as :meth:`load` does.
+
+        Raises:
+            ValueError: ``key`` is not a lower-case hex digest.
+        """
+        check_key(key)
+        if self._known_absent(key):
+            return LoadedLookup([], None, 0)
+        found, problems, bodies = await self._run(
+            _read_key_dir_loaded, self._key_dir(key), key, load_max
+        )
+        pairs = self._found(found, problems, bodies)
+        sound = [(entry, body) for entry, body in pairs if not isinstance(body, CacheCorrupt)]
+        for entry, body in pairs:
+            if isinstance(body, CacheCorrupt):
+                await self._drop(entry, str(body))
+        if bodies is None:
+            return LoadedLookup([entry for entry, _ in sound], None, 0)
+        return LoadedLookup(
+            [entry for entry, _ in sound],
+            [body for _, body in sound if isinstance(body, bytes)],
+            len(pairs) - len(sound),
+        )
+
+    def _known_absent(self, key: str) -> bool:
+        """True when the index alone says ``key`` has nothing on disk: only a single
+        process's tier (``exclusive``) whose index is complete can say so."""
+        return (
             self._exclusive
             and self._ready.is_set()
             and (key, "") not in self._index
             and key not in self._varied
-        ):
-            return []  # the whole tier is indexed, and nothing of this key is in it
-        found, problems = await self._run(_read_key_dir, self._key_dir(key), key)
+        )
+
+    def _found(
+        self,
+        found: list[Found],
+        problems: list[Problem],
+        bodies: list[bytes | CacheCorrupt] | None,
+    ) -> list[tuple[Entry, bytes | CacheCorrupt | None]]:
+        """Index what a key-directory read found, note its problems, and order the entries
+        (with their bodies, when read) newest response first."""
         self._note_problems(problems)
         for entry, size, _ in found:
             self._index_put((entry.key, entry.variant), size, recent=False)
-        found.sort(key=lambda f: (-f[0].response_time, f[0].variant))
-        return [entry for entry, _, _ in found]
+        pairs: list[tuple[Entry, bytes | CacheCorrupt | None]] = [
+            (entry, None if bodies is None else bodies[i]) for i, (entry, _, _) in enumerate(found)
+        ]
+        pairs.sort(key=lambda pair: (-pair[0].response_time, pair[0].variant))
+        return pairs
 
     async def read(
         self, entry: Entry, *, chunk_size: int = DEFAULT_CHUNK_BYTES

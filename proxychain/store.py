@@ -41,7 +41,6 @@ from cachetools import Cache, LRUCache
 
 from .disk import DiskStatistics, DiskTier, DiskWriter
 from .entry import Entry
-from .errors import CacheCorrupt
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
@@ -275,18 +274,15 @@ class Store:
         return list(pending.found)
 
     async def _lookup_disk(self, key: str) -> list[Stored]:
-        entries = await self.disk.lookup(key)
-        if not entries or any(e.body_size > self.memory.object_max for e in entries):
-            return [Stored(entry=entry, tier="disk") for entry in entries]
-        loaded: list[Stored] = []
-        for entry in entries:
-            try:
-                body = await self.disk.load(entry)
-            except CacheCorrupt:
-                self._promotion_failures += 1  # dropped from disk and logged by the tier
-                continue
-            # Read from disk for this request (tier "disk"); held in memory for the next ones.
-            loaded.append(Stored(entry=entry, tier="disk", body=body))
+        found = await self.disk.lookup_loaded(key, self.memory.object_max)
+        self._promotion_failures += found.dropped  # dropped from disk and logged by the tier
+        if found.bodies is None:
+            return [Stored(entry=entry, tier="disk") for entry in found.entries]
+        # Read from disk for this request (tier "disk"); held in memory for the next ones.
+        loaded = [
+            Stored(entry=entry, tier="disk", body=body)
+            for entry, body in zip(found.entries, found.bodies, strict=True)
+        ]
         if all(self.memory.put(s.entry, s.body or b"") for s in loaded):
             self._promotions += len(loaded)
         else:

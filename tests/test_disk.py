@@ -21,6 +21,7 @@ from proxychain import disk as disk_module
 from proxychain.disk import (
     DiskStatistics,
     DiskTier,
+    LoadedLookup,
     check_key,
     decode_meta,
     encode_meta,
@@ -194,6 +195,38 @@ async def test_empty_body_and_variants(tier: DiskTier) -> None:
     assert await read_all(tier, plain) == []
     assert await tier.lookup(KEY) == [varied, plain]  # newest response first
     assert await tier.lookup(hexkey("other")) == []
+
+
+async def test_small_bodies_come_with_their_entries_in_one_worker_thread_call(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = await fill(tier, body=b"plain", response_time=1.0)
+    varied = await fill(tier, body=b"gzipped", variant=VARIANT, response_time=2.0)
+    calls: list[str] = []
+    real_run = tier._run
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real_run(fn, *args)
+
+    monkeypatch.setattr(tier, "_run", counted)
+    found = await tier.lookup_loaded(KEY, load_max=7)
+    assert found == LoadedLookup([varied, plain], [b"gzipped", b"plain"], 0)
+    assert calls == ["_read_key_dir_loaded"]
+    # One body over the bound: entries only, the bodies are left to stream.
+    assert await tier.lookup_loaded(KEY, load_max=6) == LoadedLookup([varied, plain], None, 0)
+    assert await tier.lookup_loaded(hexkey("other"), load_max=7) == LoadedLookup([], None, 0)
+
+
+async def test_a_body_failing_its_check_is_dropped_by_a_loaded_lookup(
+    tier: DiskTier, tmp_path: Path
+) -> None:
+    good = await fill(tier, body=b"good", variant=VARIANT, response_time=2.0)
+    bad = await fill(tier, body=b"abcd", response_time=1.0)
+    (tmp_path / "objects" / KEY[:2] / KEY / f"_.{bad.sha256}.body").write_bytes(b"abce")
+    assert await tier.lookup_loaded(KEY, load_max=MiB) == LoadedLookup([good], [b"good"], 1)
+    assert tier.statistics().corrupt_dropped == 1
+    assert await tier.lookup(KEY) == [good]
 
 
 async def _store(tier: DiskTier, key: str, variant: str, body: bytes) -> Entry:

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from proxychain.disk import DiskTier, open_disk_tier
+from proxychain.disk import DiskTier, LoadedLookup, open_disk_tier
 from proxychain.entry import Entry
 from proxychain.http import Headers
 from proxychain.store import (
@@ -296,14 +296,14 @@ async def test_concurrent_lookups_of_one_key_share_one_disk_lookup(
     store = new_store(disk)
     calls: list[str] = []
     release = trio.Event()
-    real_lookup = disk.lookup
+    real_lookup = disk.lookup_loaded
 
-    async def slow_lookup(key: str) -> list[Entry]:
+    async def slow_lookup(key: str, load_max: int) -> LoadedLookup:
         calls.append(key)
         await release.wait()
-        return await real_lookup(key)
+        return await real_lookup(key, load_max)
 
-    monkeypatch.setattr(disk, "lookup", slow_lookup)
+    monkeypatch.setattr(disk, "lookup_loaded", slow_lookup)
     results: list[list[Stored]] = []
 
     async def look() -> None:
@@ -327,14 +327,14 @@ async def test_a_failed_shared_lookup_leaves_each_waiter_to_its_own(
     calls: list[str] = []
     release = trio.Event()
 
-    async def failing_then_empty(key: str) -> list[Entry]:
+    async def failing_then_empty(key: str, load_max: int) -> LoadedLookup:
         calls.append(key)
         if len(calls) == 1:
             await release.wait()
             raise OSError("disk gone")
-        return []
+        return LoadedLookup([], None, 0)
 
-    monkeypatch.setattr(disk, "lookup", failing_then_empty)
+    monkeypatch.setattr(disk, "lookup_loaded", failing_then_empty)
     outcomes: list[object] = []
 
     async def look() -> None:
