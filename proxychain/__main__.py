@@ -43,6 +43,7 @@ async def run(
     listeners: list[trio.SocketListener] | None = None,
     worker_id: str | None = None,
     seat: Seat | None = None,
+    share_dir: Path | None = None,
     watch: Callable[[trio.Event], Awaitable[None]] | None = None,
     label: str = "",
 ) -> None:
@@ -54,11 +55,14 @@ async def run(
         listeners: an already-bound socket to serve (workers share the parent's).
         worker_id: a worker's name, sent in ``x-proxychain-worker``.
         seat: a worker's place on the board its siblings balance accepts by.
+        share_dir: where workers share their stats documents (``workerstats``).
         watch: another task that may set the shutdown event (a worker watching its parent).
         label: logged as "<label> serving" once the listener accepts (a worker's name).
     """
     from .proxy import open_proxy
     from .server import serve
+    from .status import build_stats
+    from .workerstats import SiblingStats
 
     clock = Clock()
     shutdown = trio.Event()
@@ -79,6 +83,9 @@ async def run(
             )
             nursery.cancel_scope.cancel()
 
+        if share_dir is not None:
+            proxy.sibling_stats = SiblingStats(share_dir, partial(build_stats, proxy))
+            nursery.start_soon(proxy.sibling_stats.run)
         if handle_signals:
             nursery.start_soon(_wait_for_signals, shutdown)
         if watch is not None:

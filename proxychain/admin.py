@@ -27,6 +27,9 @@ The token comes from ``[admin] token`` or, when that is empty, the environment v
      "tiers": [{"name": "memory", "bytes": 1024, "entries": 3, "budget": 65536}],
      "recent_errors": [{"at": 1700000000.0, "route": "/go/", "message": "..."}],
      "hit_ratio_history": [[1699999990.0, 0.75], [1700000000.0, 0.8]]}
+
+Under ``serve --workers N`` the document also has ``"workers": N`` and its figures are the
+whole server's (:mod:`proxychain.workerstats`).
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from .settings import Settings
 from .status import build_stats, readiness, tier_figures
 from .store import MemoryTier, Store, Stored, StoreWriter
 from .upstream import Connector
+from .workerstats import SiblingStats
 
 __all__ = ["Proxy", "open_proxy"]
 
@@ -129,6 +130,8 @@ class Proxy:
         self._nursery = nursery
         self._commits = commits or nursery
         self.purge_log: PurgeLog | None = None
+        # Under --workers: the siblings' figures, merged into ours for the admin plane.
+        self.sibling_stats: SiblingStats | None = None
         self.listening = False  # the data plane accepts connections (readiness)
         self._fills = FillRegistry()
         self._revalidating: set[str] = set()
@@ -223,7 +226,10 @@ class Proxy:
     # ---- admin plane (proxychain.admin.AdminBackend) ------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        """Live figures for ``/admin/stats`` and the status page."""
+        """Live figures for ``/admin/stats`` and the status page (the whole server's, when
+        workers share the port)."""
+        if self.sibling_stats is not None:
+            return self.sibling_stats.merged()
         return build_stats(self)
 
     def ready(self) -> tuple[bool, list[str]]:

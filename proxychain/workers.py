@@ -10,7 +10,9 @@ Theory of operation:
   The workers publish their open-connection counts on a board in shared memory made before
   the fork, and one ahead of a sibling leaves new connections to it
   (:mod:`proxychain.balance`); the supervisor clears a dead worker's count.
-  Worker 0 also serves the admin plane; ``/metrics`` there merges every worker's figures.
+  Worker 0 also serves the admin plane; ``/metrics`` there merges every worker's figures, and
+  ``/admin/stats`` merges the stats documents the workers share once a second
+  (:mod:`proxychain.workerstats`).
 * Workers live in their own process group so a terminal's Ctrl-C reaches only the supervisor,
   which forwards SIGTERM once: one graceful drain, not the "second signal: stop now" path.
   A worker whose supervisor vanished shuts itself down.
@@ -32,12 +34,14 @@ import socket
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from .balance import ConnectionBoard, Seat
 from .purgelog import clear_purge_log
 from .settings import ServerSettings, Settings
+from .workerstats import forget_worker
 
 __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "run_workers"]
 
@@ -205,6 +209,7 @@ def _forget_metrics(pid: int) -> None:
     from .metrics import mark_worker_dead
 
     mark_worker_dead(pid)
+    forget_worker(Path(os.environ[MULTIPROC_DIR_ENV]), pid)
 
 
 # -- inside a worker ----------------------------------------------------------------------------
@@ -228,6 +233,7 @@ async def _worker(settings: Settings, sock: socket.socket, seat: Seat, parent: i
         listeners=[listener],
         worker_id=str(os.getpid()),
         seat=seat,
+        share_dir=Path(os.environ[MULTIPROC_DIR_ENV]),
         watch=partial(_watch_parent, parent),
         label=f"worker {seat.index} (pid {os.getpid()})",
     )

@@ -46,9 +46,12 @@ upstreams = "{upstream}"
 
 
 @contextmanager
-def _supervisor(tmp_path: Path, upstream: str) -> Iterator[subprocess.Popen[bytes]]:
+def _supervisor(
+    tmp_path: Path, upstream: str, *, admin: str = ""
+) -> Iterator[subprocess.Popen[bytes]]:
     config = tmp_path / "proxychain.toml"
-    config.write_text(CONFIG.format(cache=tmp_path / "cache", upstream=upstream))
+    text = CONFIG.format(cache=tmp_path / "cache", upstream=upstream)
+    config.write_text(text.replace('[admin]\nlisten = ""', f'[admin]\nlisten = "{admin}"'))
     log = (tmp_path / "proxychain.log").open("wb")
     env = {**os.environ, workers.MULTIPROC_DIR_ENV: str(tmp_path / "metrics")}
     argv = [sys.executable, "-m", "proxychain", "serve", "--config", str(config), "--workers", "2"]
@@ -190,3 +193,40 @@ async def test_connections_held_open_are_shared_between_the_workers(tmp_path: Pa
             with trio.fail_after(STOP_TIMEOUT_S):
                 while proc.poll() is None:
                     await trio.sleep(POLL_S)
+
+
+async def test_admin_stats_count_every_workers_requests(tmp_path: Path) -> None:
+    """Worker 0 serves the admin plane; its /admin/stats adds up what both workers served."""
+    origin = FakeOrigin()
+    origin.set("/a.txt", ok(b"shared\n", ("cache-control", "max-age=600")))
+    async with serve_origin(origin) as upstream:
+        with _supervisor(tmp_path, upstream, admin="127.0.0.1:0") as proc:
+            (port,) = await _wait_for(tmp_path, r"supervising 2 workers on 127\.0\.0\.1:(\d+)")
+            (admin,) = await _wait_for(tmp_path, r"admin plane on http://127\.0\.0\.1:(\d+)/")
+            await _wait_for(tmp_path, SERVING, count=2)
+            answered: list[str] = []
+            async with contextlib.AsyncExitStack() as held:  # held open: one per worker
+                for _ in range(HELD_CONNECTIONS):
+                    client = await held.enter_async_context(httpx.AsyncClient())
+                    response = await client.get(f"http://127.0.0.1:{port}/a.txt")
+                    answered.append(response.headers["x-proxychain-worker"])
+            assert len(set(answered)) == 2, answered
+            stats_url = f"http://127.0.0.1:{admin}/admin/stats"
+            with trio.fail_after(START_TIMEOUT_S):  # the sibling shares its figures each second
+                while True:
+                    stats = (await _get(stats_url)).json()
+                    (route,) = stats["routes"]
+                    if route["requests"] == HELD_CONNECTIONS:
+                        break
+                    await trio.sleep(POLL_S)
+            assert stats["workers"] == 2
+            # The first request filled the key; the other worker's first one may have come
+            # while that commit still ran, and filled it again (harmless).
+            assert route["hits"] >= HELD_CONNECTIONS - 2
+            memory = next(t for t in stats["tiers"] if t["name"] == "memory")
+            assert memory["entries"] == 2  # each worker holds the body in its own memory tier
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(STOP_TIMEOUT_S):
+                while proc.poll() is None:
+                    await trio.sleep(POLL_S)
+    assert not list((tmp_path / "metrics").glob("stats-*.json"))  # removed on the way out
