@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from proxychain.balance import ConnectionBoard
+from proxychain.balance import SLACK_DIVISOR, ConnectionBoard
 from proxychain.clock import Clock
 from proxychain.http import Headers, Request, ResponseHead
 from proxychain.server import ACCEPT_BURST, ClientInfo, Exchange, H11Sink, Server, _accept_loop
@@ -27,6 +27,17 @@ def test_a_seat_is_ahead_when_some_sibling_has_fewer_connections() -> None:
     assert (first.ahead(), second.ahead(), third.ahead()) == (True, False, True)
     second.report(2)
     assert not any(seat.ahead() for seat in (first, second, third))
+
+
+def test_in_a_flood_a_lead_of_a_sixteenth_of_all_connections_is_not_ahead() -> None:
+    board = ConnectionBoard(2)
+    busier, other = board.seat(0), board.seat(1)
+    other.report(30)
+    busier.report(30 + (60 + 4) // SLACK_DIVISOR)  # 34 of 64: a lead of 4 = 64 // 16
+    assert not busier.ahead()
+    busier.report(35)  # 35 of 65: a lead of 5 > 65 // 16
+    assert busier.ahead()
+    assert not other.ahead()
 
 
 def test_a_single_worker_is_never_ahead() -> None:
