@@ -1,8 +1,9 @@
-"""Sending a stored response to a client: 200, 304 for a matching conditional, 206 / 416 for
-ranges (RFC 9110 §13, §14), and HEAD.
+"""Sending a stored response, or a fill still arriving, to a client: 200, 304 for a matching
+conditional, 206 / 416 for ranges (RFC 9110 §13, §14), and HEAD.
 
 The decisions are the policy's and ``ranges.py``'s (pure); this module only streams bytes: from
-memory slices for memory hits, from the disk tier in large chunks otherwise.
+memory slices for memory hits, from the disk tier in large chunks otherwise, and from a fill's
+pieces for requests that joined it.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import functools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import BinaryIO
 
 import trio
 
 from . import policy, ranges
+from .coalesce import Fill, FillFailed
 from .entry import Entry
 from .http import Headers, Request, ResponseHead
 from .server import H11Sink, PreparedHead, prepare
 from .store import Store, Stored
 
-__all__ = ["serve_stored", "slice_chunks"]
+__all__ = ["send_followed", "serve_stored", "slice_chunks"]
 
 _boundaries = random.Random()
 # A memory body up to this size goes to the client in one piece (bytes per system call).
@@ -124,6 +127,58 @@ async def _send_file(store: Store, stored: Stored, sink: H11Sink) -> None:
         file.close()  # read-only: no flush, nothing that blocks
     if not sent:
         await _send_whole(store, stored, sink)
+
+
+async def send_followed(
+    request: Request, fill: Fill, file: BinaryIO, head: ResponseHead, sink: H11Sink
+) -> None:
+    """Stream a fill in progress to ``sink`` (a request that joined it): whole, or the one
+    byte range asked for as soon as its bytes arrive. ``file`` is the reader the fill gave
+    this follower; a fill that fails mid-body cuts the response short."""
+    span: ranges.ByteRange | None = None
+    size_text = head.headers.get("content-length")
+    if request.headers.get("range") and size_text and size_text.isdigit():
+        size = int(size_text)
+        plan = ranges.evaluate(
+            request.method,
+            request.headers,
+            size=size,
+            status=head.status,
+            stored_headers=head.headers,
+        )
+        match plan:
+            case ranges.Partial(ranges=(only,)):
+                span = only
+                head = ResponseHead(
+                    status=206, headers=ranges.partial_headers(head.headers, only, size)
+                )
+            case ranges.Unsatisfiable():
+                await sink.start(
+                    ResponseHead(
+                        status=416,
+                        headers=head.headers.remove("content-length", "content-type").update(
+                            ranges.unsatisfiable_headers(head.headers, size)
+                        ),
+                    )
+                )
+                await sink.end()
+                return
+            case ranges.Full() | ranges.Partial():
+                pass  # several ranges of an object still filling: send it whole
+    await sink.start(ResponseHead(status=head.status, reason=head.reason, headers=head.headers))
+    body = fill.follow(file)
+    try:
+        if span is None:
+            async for chunk in body:
+                await sink.send(chunk)
+        else:
+            async with aclosing(slice_chunks(body, span.first, span.last)) as piece:
+                async for chunk in piece:
+                    await sink.send(chunk)
+    except FillFailed:
+        await sink.abort()
+        return
+    await sink.end()
 
 
 def _prepared_head(entry: Entry, extra: Headers) -> PreparedHead:

@@ -28,18 +28,18 @@ import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache, partial
-from typing import BinaryIO, assert_never
+from typing import assert_never
 
 import trio
 
-from . import failover, freshness, keys, mirror, package_fill, packages, policy, ranges
+from . import failover, freshness, keys, mirror, package_fill, packages, policy
 from .breaker import BreakerStatistics
 from .clock import Clock
-from .coalesce import Fill, FillFailed, FillRegistry
-from .delivery import serve_stored, slice_chunks
+from .coalesce import Fill, FillRegistry
+from .delivery import send_followed, serve_stored
 from .disk import open_disk_tier
 from .entry import Entry
 from .errors import AllUpstreamsFailed, ProxyChainError, UpstreamError
@@ -522,7 +522,7 @@ class Proxy:
                 headers = headers.set("x-cache-tier", "fill")
             head = ResponseHead(status=head.status, reason=head.reason, headers=headers)
             try:
-                await self._send_followed(at, fill, file, head, sink)
+                await send_followed(at.request, fill, file, head, sink)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(file.close)
@@ -545,55 +545,6 @@ class Proxy:
                 await self._serve(at, stored, age, "HIT", sink, exchange)
                 return True
         return False
-
-    async def _send_followed(
-        self, at: _Lookup, fill: Fill, file: BinaryIO, head: ResponseHead, sink: H11Sink
-    ) -> None:
-        """Stream a followed fill to ``sink``: whole, or the one byte range asked for."""
-        span: ranges.ByteRange | None = None
-        size_text = head.headers.get("content-length")
-        if at.request.headers.get("range") and size_text and size_text.isdigit():
-            size = int(size_text)
-            plan = ranges.evaluate(
-                at.request.method,
-                at.request.headers,
-                size=size,
-                status=head.status,
-                stored_headers=head.headers,
-            )
-            match plan:
-                case ranges.Partial(ranges=(only,)):
-                    span = only
-                    head = ResponseHead(
-                        status=206, headers=ranges.partial_headers(head.headers, only, size)
-                    )
-                case ranges.Unsatisfiable():
-                    await sink.start(
-                        ResponseHead(
-                            status=416,
-                            headers=head.headers.remove("content-length", "content-type").update(
-                                ranges.unsatisfiable_headers(head.headers, size)
-                            ),
-                        )
-                    )
-                    await sink.end()
-                    return
-                case ranges.Full() | ranges.Partial():
-                    pass  # several ranges of an object still filling: send it whole
-        await sink.start(ResponseHead(status=head.status, reason=head.reason, headers=head.headers))
-        body = fill.follow(file)
-        try:
-            if span is None:
-                async for chunk in body:
-                    await sink.send(chunk)
-            else:
-                async with aclosing(slice_chunks(body, span.first, span.last)) as piece:
-                    async for chunk in piece:
-                        await sink.send(chunk)
-        except FillFailed:
-            await sink.abort()
-            return
-        await sink.end()
 
     async def _range_from_fill(self, at: _Lookup, sink: H11Sink, exchange: Exchange) -> None:
         """A Range request on a miss: fill the whole object in the background and answer the
