@@ -894,13 +894,8 @@ class DiskTier:
         for entry, body in pairs:
             if isinstance(body, CacheCorrupt):
                 await self._drop(entry, str(body))
-        if bodies is None:
-            return LoadedLookup([entry for entry, _ in sound], None, 0)
-        return LoadedLookup(
-            [entry for entry, _ in sound],
-            [body for _, body in sound if isinstance(body, bytes)],
-            len(pairs) - len(sound),
-        )
+        loaded = None if bodies is None else [b for _, b in sound if isinstance(b, bytes)]
+        return LoadedLookup([entry for entry, _ in sound], loaded, len(pairs) - len(sound))
 
     def _known_absent(self, key: str) -> bool:
         """True when the index alone says ``key`` has nothing on disk: only a single

@@ -471,18 +471,19 @@ class Server:
 
     def admit(self) -> None:
         """Count a connection just accepted; :meth:`handle_admitted` serves it."""
-        self.open_connections += 1
-        if self.seat is not None:
-            self.seat.report(self.open_connections)
+        self._count_open(1)
 
     async def handle_admitted(self, stream: trio.abc.Stream) -> None:
         """Serve a connection counted by :meth:`admit`, and count it closed after."""
         try:
             await self.handle_connection(stream)
         finally:
-            self.open_connections -= 1
-            if self.seat is not None:
-                self.seat.report(self.open_connections)
+            self._count_open(-1)
+
+    def _count_open(self, change: int) -> None:
+        self.open_connections += change
+        if self.seat is not None:
+            self.seat.report(self.open_connections)
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
         """Serve requests on one connection until it closes."""

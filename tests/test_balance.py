@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
 from proxychain.balance import SLACK_DIVISOR, ConnectionBoard
 from proxychain.clock import Clock
-from proxychain.http import Headers, Request, ResponseHead
-from proxychain.server import ACCEPT_BURST, ClientInfo, Exchange, H11Sink, Server, _accept_loop
+from proxychain.server import ACCEPT_BURST, Server, _accept_loop
 from proxychain.settings import ServerSettings
+from tests.test_server import _Answer  # answers every request with one status and body
 
 
 def test_a_seat_is_ahead_when_some_sibling_has_fewer_connections() -> None:
@@ -68,19 +67,6 @@ def test_a_forked_child_reports_to_the_parents_board() -> None:
     assert board.counts() == [0, 7]
 
 
-class _Ok:
-    async def handle(
-        self,
-        request: Request,
-        body: AsyncIterator[bytes] | None,
-        sink: H11Sink,
-        client: ClientInfo,
-        exchange: Exchange,
-    ) -> None:
-        await sink.start(ResponseHead(status=200, headers=Headers([("content-length", "0")])))
-        await sink.end()
-
-
 async def _open_count_reaches(server: Server, count: int) -> None:
     with trio.fail_after(5):
         while server.open_connections != count:
@@ -94,7 +80,9 @@ async def test_two_accept_loops_on_one_socket_split_a_burst_evenly() -> None:
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     board = ConnectionBoard(2)
-    servers = [Server(_Ok(), ServerSettings(), Clock(), seat=board.seat(i)) for i in range(2)]
+    servers = [
+        Server(_Answer(200, []), ServerSettings(), Clock(), seat=board.seat(i)) for i in range(2)
+    ]
     clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(ACCEPT_BURST)]
     async with trio.open_nursery() as nursery:
         for server in servers:
@@ -119,7 +107,7 @@ async def test_a_worker_ahead_still_accepts_when_its_sibling_does_not() -> None:
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     board = ConnectionBoard(2)
-    server = Server(_Ok(), ServerSettings(), Clock(), seat=board.seat(0))
+    server = Server(_Answer(200, []), ServerSettings(), Clock(), seat=board.seat(0))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_accept_loop, listener, nursery, server)
         clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
