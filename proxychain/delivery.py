@@ -185,7 +185,7 @@ def _prepared_head(entry: Entry, extra: Headers) -> PreparedHead:
     """The stored head for a whole-body answer, without ``Age`` and the fields of ``extra``."""
 
     def build(stored: Headers) -> PreparedHead:
-        headers = stored.remove("age", *(name for name, _ in extra))
+        headers = stored.remove("age", *policy.STORED_ONLY_FIELDS, *(name for name, _ in extra))
         if _has_body(entry.status):
             headers = headers.set("content-length", str(entry.body_size))
         if entry.status == 200:

@@ -20,6 +20,13 @@ field absent from the request is recorded as :data:`ABSENT`, which differs from 
 value (including the empty string), so "absent" only matches "absent". ``Vary: *`` never
 matches anything; such responses are not stored at all.
 
+``Accept-Encoding`` is keyed by what the proxy asks the upstream for, not by the client's
+exact list, as Varnish does: pip sends ``gzip, deflate``, npm ``gzip,deflate`` and Go
+``gzip``, and each list would otherwise hold its own copy of the same gzip body. A fill asks
+for ``gzip`` when the client takes gzip and for ``identity`` otherwise
+(:func:`asked_encoding`), and records that value; a request without the field asks for
+nothing and records :data:`ABSENT`.
+
 A route may force extra fields into the key (``forced``), for upstreams that negotiate on a
 field but forget to say so in ``Vary``.
 """
@@ -35,6 +42,7 @@ from .http import Headers, ResponseHead
 
 __all__ = [
     "ABSENT",
+    "asked_encoding",
     "matches",
     "normalise_target",
     "primary_key",
@@ -108,9 +116,40 @@ def _own_vary_names(headers: Headers) -> tuple[str, ...] | None:
     return None if "*" in names else tuple(sorted(names))
 
 
+def asked_encoding(lines: list[str]) -> str | None:
+    """The ``Accept-Encoding`` a fill sends for a client whose field lines are ``lines``:
+    ``gzip`` when it takes gzip (RFC 9110 §12.5.3: ``gzip``, ``x-gzip`` or ``*`` with a
+    non-zero weight), else ``identity``; ``None`` without the field (nothing is asked)."""
+    if not lines:
+        return None
+    weights: dict[str, float] = {}
+    for item in ",".join(lines).split(","):
+        coding, *params = item.split(";")
+        weights[coding.strip().lower()] = _weight(params)
+    for name in ("gzip", "x-gzip", "*"):
+        if name in weights:
+            return "gzip" if weights[name] > 0 else "identity"
+    return "identity"
+
+
+def _weight(params: list[str]) -> float:
+    """An Accept-Encoding member's weight; a malformed one counts as 0 (not acceptable)."""
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                weight = float(value.strip())
+            except ValueError:
+                return 0.0
+            return weight if 0.0 <= weight <= 1.0 else 0.0
+    return 1.0
+
+
 def _normalise_value(name: str, lines: list[str]) -> str:
     if not lines:
         return ABSENT
+    if name == "accept-encoding":
+        return asked_encoding(lines) or ABSENT
     value = ", ".join(line.strip() for line in lines)
     value = _COMMA.sub(", ", _WS.sub(" ", value)).strip(" ,")
     if name in _CASE_INSENSITIVE:

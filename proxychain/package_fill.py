@@ -19,7 +19,7 @@ import dataclasses
 
 import trio
 
-from . import mirror, packages
+from . import keys, mirror, packages
 from .entry import Entry
 from .fetch import FetchResult
 from .http import Headers
@@ -47,9 +47,15 @@ def keyed_path_class(route_kind: str, path_class: mirror.PathClass) -> mirror.Pa
 def fill_headers(
     headers: Headers, route_kind: str, path_kind: str, *, file_host: str | None
 ) -> Headers:
-    """The fields of a fill request, adjusted for rewriting and for file hosts."""
+    """The fields of a fill request, adjusted for rewriting and for file hosts.
+
+    ``Accept-Encoding`` becomes the one the variant is keyed by (:func:`keys.asked_encoding`),
+    so that what the upstream answers is right for every client sharing the variant.
+    """
     if packages.rewrites(route_kind, path_kind):
         headers = headers.set("accept-encoding", REWRITE_ACCEPT_ENCODING)
+    elif (asked := keys.asked_encoding(headers.get_all("accept-encoding"))) is not None:
+        headers = headers.set("accept-encoding", asked)
     if file_host is not None:
         headers = headers.remove("host")  # preserve_host names the route's upstream
     return headers

@@ -55,6 +55,7 @@ from .appendlog import append_lines, read_new_lines
 from .entry import Entry
 from .errors import RequestRefused, UpstreamError
 from .http import Headers, ResponseHead
+from .policy import UPSTREAM_ETAG_FIELD
 from .settings import RouteSettings
 
 __all__ = [
@@ -93,7 +94,6 @@ READ_CHUNK_BYTES = 1024 * 1024
 HASH_ALGORITHMS = ("sha1", "sha256", "sha384", "sha512")
 # Response fields that describe the upstream's bytes, not a rewritten body.
 _REPRESENTATION_FIELDS = ("content-encoding", "content-length", "content-md5", "digest", "etag")
-UPSTREAM_ETAG_FIELD = "x-upstream-etag"
 # A rewritten body's strong ETag: this prefix, then 40 hex digits of its sha256.
 REWRITTEN_ETAG_PREFIX = '"pc-'
 

@@ -75,7 +75,9 @@ from .http import (
 
 __all__ = [
     "DEFAULT_NEGATIVE_TTL",
+    "STORED_ONLY_FIELDS",
     "UNDERSTOOD_STATUSES",
+    "UPSTREAM_ETAG_FIELD",
     "Fail",
     "Fresh",
     "Freshen",
@@ -103,6 +105,13 @@ __all__ = [
     "stored_headers",
     "why_not_storable",
 ]
+
+# The upstream's own ETag of a body the proxy rewrote (whose ETag is then ours): sent upstream
+# to revalidate, never to a client.
+UPSTREAM_ETAG_FIELD = "x-upstream-etag"
+# Fields kept with a stored response for the proxy's own use: dropped from what an upstream
+# sends and from every answer to a client.
+STORED_ONLY_FIELDS = (UPSTREAM_ETAG_FIELD,)
 
 DEFAULT_NEGATIVE_TTL = 60.0
 """Seconds a 404/410 without explicit freshness stays fresh: long enough to absorb a burst of
@@ -541,11 +550,14 @@ def _unstorable_fields(headers: Headers) -> set[str]:
 def stored_headers(head: ResponseHead, *, response_time: float | None = None) -> Headers:
     """The header fields to store for ``head``.
 
-    Drops hop-by-hop and Connection-named fields (RFC 9111 §3.1) and the fields a qualified
-    ``no-cache``/``private`` names. With ``response_time``, a missing or invalid ``Date`` is
-    replaced by that time, as RFC 9110 §6.6.1 asks of a caching recipient.
+    Drops hop-by-hop and Connection-named fields (RFC 9111 §3.1), the fields a qualified
+    ``no-cache``/``private`` names, and :data:`STORED_ONLY_FIELDS` (an upstream's cannot pass
+    for ours). With ``response_time``, a missing or invalid ``Date`` is replaced by that
+    time, as RFC 9110 §6.6.1 asks of a caching recipient.
     """
-    out = strip_hop_by_hop(head.headers).remove(*_unstorable_fields(head.headers))
+    out = strip_hop_by_hop(head.headers).remove(
+        *_unstorable_fields(head.headers), *STORED_ONLY_FIELDS
+    )
     if response_time is not None and parse_http_date(out.get("date")) is None:
         out = out.set("date", format_http_date(response_time))
     return out
@@ -722,8 +734,9 @@ def answer_conditional(request: Request, entry: Entry) -> int | None:
 
 
 def cached_response_headers(entry: Entry, age: float) -> Headers:
-    """The stored header fields with ``Age`` set to whole seconds (RFC 9111 §5.1)."""
-    return entry.headers.set("age", age_field(age))
+    """The stored header fields a client is sent, with ``Age`` set to whole seconds (RFC 9111
+    §5.1): all but :data:`STORED_ONLY_FIELDS`."""
+    return entry.headers.remove(*STORED_ONLY_FIELDS).set("age", age_field(age))
 
 
 def age_field(age: float) -> str:

@@ -9,6 +9,7 @@ import pytest
 from proxychain.http import Headers, ResponseHead
 from proxychain.keys import (
     ABSENT,
+    asked_encoding,
     matches,
     normalise_target,
     primary_key,
@@ -81,7 +82,9 @@ def test_vary_names(
         ([("Accept", "")], ["accept"], {"accept": ""}),
         ([("Accept", "text/html ,  text/plain")], ["Accept"], {"accept": "text/html, text/plain"}),
         ([("Accept", "a"), ("Accept", "b")], ["accept"], {"accept": "a, b"}),
-        ([("Accept-Encoding", "GZIP,Br")], ["accept-encoding"], {"accept-encoding": "gzip, br"}),
+        ([("Accept-Encoding", "GZIP,Br")], ["accept-encoding"], {"accept-encoding": "gzip"}),
+        ([("Accept-Encoding", "br")], ["accept-encoding"], {"accept-encoding": "identity"}),
+        ([], ["accept-encoding"], {"accept-encoding": ABSENT}),
         ([("Accept-Language", " EN-us ")], ["accept-language"], {"accept-language": "en-us"}),
         ([("X-Token", "AbC\t d")], ["x-token"], {"x-token": "AbC d"}),
     ],
@@ -90,6 +93,32 @@ def test_vary_values(
     fields: list[tuple[str, str]], names: list[str], expected: dict[str, str]
 ) -> None:
     assert vary_values(Headers(fields), names) == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ([], None),
+        (["gzip"], "gzip"),
+        (["gzip, deflate"], "gzip"),  # pip
+        (["gzip,deflate"], "gzip"),  # npm
+        (["deflate, gzip, br, zstd"], "gzip"),  # curl --compressed
+        (["br", "GZIP;q=0.5"], "gzip"),
+        (["x-gzip"], "gzip"),
+        (["*"], "gzip"),
+        (["gzip;q=0"], "identity"),
+        (["*, gzip;q=0"], "identity"),
+        (["gzip;q=0.000, *"], "identity"),  # gzip named, so "*" does not bring it back
+        (["gzip; Q=1"], "gzip"),
+        (["gzip;q=bad"], "identity"),  # a malformed weight is not acceptance
+        (["gzip;q=2"], "identity"),
+        (["br, zstd"], "identity"),
+        (["identity"], "identity"),
+        ([""], "identity"),
+    ],
+)
+def test_asked_encoding(lines: list[str], expected: str | None) -> None:
+    assert asked_encoding(lines) == expected
 
 
 def test_variant_key() -> None:
@@ -108,7 +137,12 @@ def test_variant_key() -> None:
         ({"accept": "x"}, [], (), False),
         ({"accept": ABSENT}, [], (), True),
         ({"accept": ABSENT}, [("Accept", "")], (), False),
-        ({"accept-encoding": "gzip, br"}, [("Accept-Encoding", "GZIP ,br")], (), True),
+        ({"accept-encoding": "gzip"}, [("Accept-Encoding", "GZIP ,br")], (), True),
+        ({"accept-encoding": "gzip"}, [("Accept-Encoding", "gzip, deflate")], (), True),
+        ({"accept-encoding": "gzip"}, [("Accept-Encoding", "deflate")], (), False),
+        ({"accept-encoding": "gzip"}, [], (), False),
+        # Recorded from a client's whole list (before lists were bucketed): never matched.
+        ({"accept-encoding": "gzip, br"}, [("Accept-Encoding", "gzip, br")], (), False),
         ({"accept": "a, b"}, [("Accept", "a"), ("Accept", "b")], (), True),
         ({}, [("Accept", "x")], ("accept",), False),
         ({}, [], ("accept",), True),

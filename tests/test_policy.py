@@ -835,6 +835,11 @@ STORED_HEADERS: list[tuple[Fields, Fields]] = [
     ),
     ([("Age", "3")], [("age", "3"), ("date", at(7))]),
     ([("Date", "garbage")], [("date", at(7))]),
+    # An upstream's (another proxy's) field of ours is not taken for ours.
+    (
+        [("Date", at(0)), ("X-Upstream-ETag", '"u"'), ("ETag", '"e"')],
+        [("date", at(0)), ("etag", '"e"')],
+    ),
 ]
 
 
@@ -1244,6 +1249,17 @@ def test_cached_response_headers_sets_integer_age() -> None:
         ("etag", '"a"'),
         ("date", at(0)),
     ]
+
+
+def test_stored_only_fields_never_reach_a_client() -> None:
+    stored = entry([("ETag", '"pc-1"'), ("X-Upstream-ETag", '"u"')])
+    assert stored.headers.get("x-upstream-etag") == '"u"'
+    assert list(cached_response_headers(stored, 1)) == [
+        ("etag", '"pc-1"'),
+        ("date", at(0)),
+        ("age", "1"),
+    ]
+    assert "x-upstream-etag" not in not_modified_headers(stored, 1)
 
 
 def test_effective_lifetime_immutable_is_infinite() -> None:

@@ -483,6 +483,40 @@ async def test_vary_variants_side_by_side(
     assert h.origin.count("/v") == 2
 
 
+async def test_clients_taking_gzip_share_one_variant(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pip, npm, Go and curl --compressed each send their own Accept-Encoding list; all take
+    # gzip, so one fill asking for gzip serves them all.
+    def negotiate(request: Request) -> Reply:
+        asked = request.headers.get("accept-encoding")
+        return Reply(
+            headers=[("cache-control", "max-age=100"), ("vary", "Accept-Encoding")],
+            body=f"body for {asked}".encode(),
+        )
+
+    lists = ["gzip, deflate", "gzip,deflate", "gzip", "deflate, gzip, br, zstd"]
+    async with open_harness(tmp_path, monkeypatch) as h:
+        h.origin.set("/v", negotiate)
+        gzipped = [await h.get("/v", ("accept-encoding", value)) for value in lists]
+        other = await h.get("/v", ("accept-encoding", "br"))
+        refused = await h.get("/v", ("accept-encoding", "gzip;q=0, deflate"))
+        plain = await h.get("/v")
+    assert [(g.cache, g.body) for g in gzipped] == [("MISS", b"body for gzip")] + [
+        ("HIT", b"body for gzip")
+    ] * 3
+    assert [(g.cache, g.body) for g in (other, refused)] == [
+        ("MISS", b"body for identity"),
+        ("HIT", b"body for identity"),
+    ]
+    assert (plain.cache, plain.body) == ("MISS", b"body for None")
+    assert [r.headers.get("accept-encoding") for r in h.origin.requests] == [
+        "gzip",
+        "identity",
+        None,
+    ]
+
+
 async def test_vary_star_is_never_stored(
     clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -162,13 +162,19 @@ async def test_pypi_page_rewritten_and_file_verified(
         first = await w.get(f"/pypi/packages/{WHEEL_NAME}")
         again = await w.get(f"/pypi/packages/{WHEEL_NAME}")
         stored = await w.proxy.store.lookup(first_key(f"/pypi/packages/{WHEEL_NAME}"))
+        (page_entry,) = await w.proxy.store.lookup(first_key("/pypi/simple/six/"))
+        index_hit = await w.get("/pypi/simple/six/")
     assert (index.status, index.cache) == (200, "MISS")
     assert (
         index.body == f'<a href="/pypi/packages/{WHEEL_NAME}#sha256={WHEEL_SHA}">x</a>\n'.encode()
     )
     assert index.headers["content-length"] == str(len(index.body))
     assert index.headers["etag"].startswith('"pc-')
-    assert index.headers["x-upstream-etag"] == '"page-1"'
+    # The upstream's ETag is kept for revalidation, and never shown to a client.
+    assert page_entry.entry.headers.get("x-upstream-etag") == '"page-1"'
+    assert (index_hit.cache, index_hit.body) == ("HIT", index.body)
+    assert "x-upstream-etag" not in index.headers
+    assert "x-upstream-etag" not in index_hit.headers
     assert (first.status, first.cache, first.body) == (200, "MISS", WHEEL)
     assert (again.cache, again.body) == ("HIT", WHEEL)
     assert [s.entry.verified for s in stored] == [f"sha256:{WHEEL_SHA}"]
@@ -361,6 +367,8 @@ async def test_rewritten_entry_revalidates_with_the_upstream_etag(
         clock.jump(120)  # past the metadata TTL: served stale, revalidated in the background
         stale = await w.get("/npm/left")
         after = await w.get("/npm/left")
+        unchanged = await w.get("/npm/left", ("if-none-match", after.headers["etag"]))
+        part = await w.get("/npm/left", ("range", "bytes=0-0"))
     sent = [r.headers.get("if-none-match") for r in good.requests if r.path == "/left"]
     assert sent == [None, '"doc-1"']
     assert (stale.cache, after.cache) == ("STALE", "HIT")
@@ -368,6 +376,9 @@ async def test_rewritten_entry_revalidates_with_the_upstream_etag(
     assert after.headers["etag"] == first.headers["etag"]
     assert after.headers["etag"].startswith('"pc-')
     assert after.headers["content-length"] == str(len(first.body))
+    assert (unchanged.status, part.status) == (304, 206)
+    for answer in (first, stale, after, unchanged, part):
+        assert "x-upstream-etag" not in answer.headers
 
 
 # ---- hot path --------------------------------------------------------------------------------
