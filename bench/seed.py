@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.no_fsync:
-        os.fsync = _no_fsync  # this process only: proxychain.disk calls os.fsync
+        os.fsync = _no_fsync  # this process only: the disk tier calls os.fsync
     paths = (
         scale_path(args.tag, i)
         for i in range(args.start + args.shard, args.stop, max(1, args.shards))

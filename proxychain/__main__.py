@@ -59,8 +59,8 @@ async def run(
         watch: another task that may set the shutdown event (a worker watching its parent).
         label: logged as "<label> serving" once the listener accepts (a worker's name).
     """
+    from .listen import serve
     from .proxy import open_proxy
-    from .server import serve
     from .status import build_stats
     from .workerstats import SiblingStats
 

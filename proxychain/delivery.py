@@ -20,7 +20,8 @@ from . import policy, ranges
 from .coalesce import Fill, FillFailed
 from .entry import Entry
 from .http import Headers, Request, ResponseHead
-from .server import H11Sink, PreparedHead, prepare
+from .responsehead import PreparedHead, prepare
+from .sink import H11Sink
 from .store import Store, Stored
 
 __all__ = ["send_followed", "serve_stored", "slice_chunks"]

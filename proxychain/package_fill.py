@@ -1,6 +1,6 @@
 """Buffered fills: bodies checked or rewritten before any client sees a byte of them.
 
-Most fills stream (``proxy.py``): each chunk goes to the client and into the store writer at
+Most fills stream (``teeing.py``): each chunk goes to the client and into the store writer at
 once. When ``packages.plan_fill`` returns a plan (a file with an announced digest, an index
 page or packument whose links are rewritten, a checksum-database lookup), the proxy calls
 :func:`fill_buffered` instead: the whole upstream body goes into a store writer only, then

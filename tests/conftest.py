@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from proxychain.clock import Clock
+from proxychain.listen import serve
 from proxychain.proxy import Proxy, open_proxy
-from proxychain.server import serve
 from proxychain.settings import Settings, parse_settings
 from proxychain.upstream import Connector
 

@@ -10,7 +10,8 @@ import trio
 
 from proxychain.balance import SLACK_DIVISOR, ConnectionBoard
 from proxychain.clock import Clock
-from proxychain.server import ACCEPT_BURST, Server, _accept_loop
+from proxychain.listen import ACCEPT_BURST, _accept_loop
+from proxychain.server import Server
 from proxychain.settings import ServerSettings
 from tests.test_server import _Answer  # answers every request with one status and body
 

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxychain"
 CORE = (
     "backoff",
     "breaker",
+    "diskmeta",
     "entry",
     "errors",
     "failover",

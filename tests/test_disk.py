@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from proxychain import disk as disk_module
+from proxychain import diskfiles, diskindex, diskmeta, diskscan, diskwriter
 from proxychain.disk import (
     DiskStatistics,
     DiskTier,
@@ -240,13 +241,13 @@ async def test_a_key_the_whole_index_lacks_is_a_miss_without_a_disk_read_when_ex
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exclusive: bool
 ) -> None:
     reads: list[str] = []
-    real = disk_module._read_key_dir
+    real = diskscan._read_key_dir
 
     def counting(key_dir: Path, key: str) -> Any:
         reads.append(key)
         return real(key_dir, key)
 
-    monkeypatch.setattr(disk_module, "_read_key_dir", counting)
+    monkeypatch.setattr(disk_module, "_read_key_dir", counting)  # where DiskTier.lookup finds it
     other = hexkey("other")
     async with open_disk_tier(
         tmp_path, max_bytes=MiB, rescan_interval=None, exclusive=exclusive
@@ -265,7 +266,7 @@ async def test_the_next_writers_temp_file_is_made_ahead_and_removed_on_close(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     created: list[Path] = []
-    real_create = disk_module._create
+    real_create = diskfiles._create
     real_make = DiskTier._make_spare_now
     made: list[trio.Event] = [trio.Event()]
 
@@ -278,7 +279,7 @@ async def test_the_next_writers_temp_file_is_made_ahead_and_removed_on_close(
         made[-1].set()
         made.append(trio.Event())
 
-    monkeypatch.setattr(disk_module, "_create", counting)
+    monkeypatch.setattr(disk_module, "_create", counting)  # where DiskTier finds it
     monkeypatch.setattr(DiskTier, "_make_spare_now", announcing)
     async with open_disk_tier(
         tmp_path, max_bytes=MiB, rescan_interval=None, create_ahead=True
@@ -332,8 +333,8 @@ async def test_a_reader_of_the_temp_file_keeps_reading_after_the_commit_renamed_
 async def test_writes_in_a_burst_are_gathered_until_a_batch_or_the_commit(
     tier: DiskTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 3600.0)
-    monkeypatch.setattr(disk_module, "WRITE_BATCH_BYTES", 10)
+    monkeypatch.setattr(diskwriter, "WRITE_BATCH_INTERVAL", 3600.0)
+    monkeypatch.setattr(diskwriter, "WRITE_BATCH_BYTES", 10)
     writer = await tier.open_writer(KEY, "", batched=True)
     seen: list[tuple[int, bytes]] = []
     for chunk in (b"abcd", b"efgh", b"ijkl", b"mn"):
@@ -348,7 +349,7 @@ async def test_writes_in_a_burst_are_gathered_until_a_batch_or_the_commit(
 async def test_a_write_after_a_pause_goes_at_once(
     tier: DiskTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 0.0)
+    monkeypatch.setattr(diskwriter, "WRITE_BATCH_INTERVAL", 0.0)
     writer = await tier.open_writer(KEY, "", batched=True)
     await writer.write(b"slow")
     assert (writer.bytes_written, writer.tmp_path.read_bytes()) == (4, b"slow")
@@ -358,7 +359,7 @@ async def test_a_write_after_a_pause_goes_at_once(
 async def test_commit_with_a_short_last_batch_publishes_nothing(
     tier: DiskTier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(disk_module, "WRITE_BATCH_INTERVAL", 3600.0)
+    monkeypatch.setattr(diskwriter, "WRITE_BATCH_INTERVAL", 3600.0)
     writer = await tier.open_writer(KEY, "", batched=True)
     await writer.write(b"abc")
     with pytest.raises(CacheCorrupt, match="body is 3 bytes, upstream promised 4"):
@@ -668,13 +669,15 @@ async def test_entries_naming_bad_paths_rejected(tier: DiskTier, bad: Entry) -> 
 
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     decoded: list[bytes] = []
-    real = disk_module.decode_meta
+    real = diskmeta.decode_meta
 
     def counting(data: bytes) -> Entry:
         decoded.append(data)
         return real(data)
 
-    monkeypatch.setattr(disk_module, "decode_meta", counting)
+    # Each module whose blocking helpers decode metadata looks it up in its own namespace.
+    for module in (diskscan, diskfiles):
+        monkeypatch.setattr(module, "decode_meta", counting)
     return decoded
 
 
@@ -723,7 +726,7 @@ async def test_scan_in_small_batches_evicts_oldest_by_metadata_mtime(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int
 ) -> None:
     monkeypatch.setattr(disk_module, "SCAN_BATCH_KEYS", batch)
-    monkeypatch.setattr(disk_module, "SCAN_MERGE_BATCH", batch)
+    monkeypatch.setattr(diskindex, "SCAN_MERGE_BATCH", batch)
     body = b"x" * 1000
     # Three keys share a prefix directory (scanned over several batches), three do not.
     keys = [f"ab{hexkey(n)[2:]}" for n in "abc"] + [hexkey(n) for n in "def"]

@@ -32,8 +32,9 @@ from proxychain.clock import Clock
 from proxychain.disk import DiskTier
 from proxychain.failover import DEFAULT_RETRY_BACKOFF
 from proxychain.http import Request
+from proxychain.listen import serve
 from proxychain.proxy import Proxy, open_proxy
-from proxychain.server import Server, serve
+from proxychain.server import Server
 from proxychain.upstream import Origin
 from tests.conftest import make_settings
 from tests.fakes import FakeOrigin, Reply, serve_origin

@@ -27,6 +27,7 @@ import trio.testing
 from proxychain import proxy as proxy_module
 from proxychain.clock import Clock
 from proxychain.disk import open_disk_tier
+from proxychain.forwarding import Forwarding
 from proxychain.proxy import Proxy, open_proxy
 from proxychain.server import Server
 from proxychain.upstream import Origin
@@ -388,13 +389,13 @@ async def test_a_hit_builds_no_upstream_request(
     clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[str] = []
-    original = Proxy._upstream_request
+    original = Forwarding.upstream_request
 
-    def counting(self: Proxy, route: Any, request: Any, relative: str, client: Any) -> Any:
+    def counting(self: Forwarding, route: Any, request: Any, relative: str, client: Any) -> Any:
         built.append(relative)
         return original(self, route, request, relative, client)
 
-    monkeypatch.setattr(Proxy, "_upstream_request", counting)
+    monkeypatch.setattr(Forwarding, "upstream_request", counting)
     async with open_world(tmp_path, monkeypatch, prefix="/", upstreams=GOOD) as w:
         w.origins["good.test"].set(
             "/x", Reply(headers=[("cache-control", "max-age=60")], body=b"x")

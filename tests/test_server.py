@@ -13,29 +13,19 @@ import trio
 from trio.testing import MemoryReceiveStream, MemorySendStream
 
 from proxychain.clock import Clock
+from proxychain.connection import BIG_WRITE_BYTES, BIG_WRITE_LOWAT, TRIO_NOTSENT_LOWAT, _Connection
 from proxychain.http import Headers, Request, ResponseHead
-from proxychain.server import (
-    ACCEPT_BURST,
-    BIG_WRITE_BYTES,
-    BIG_WRITE_LOWAT,
-    COALESCE_MAX_BYTES,
-    IDLE_CHECK_MAX_INTERVAL,
+from proxychain.listen import ACCEPT_BURST, _accept_loop
+from proxychain.requesthead import (
     SHARED_HEADER_BLOCK_MAX_BYTES,
-    TRIO_NOTSENT_LOWAT,
-    ClientInfo,
-    Exchange,
-    H11Sink,
     RequestHead,
-    Server,
-    _accept_loop,
-    _Connection,
-    _direct_head,
     _has_body,
     _plain_head,
-    _sendfile_some,
-    prepare,
 )
+from proxychain.responsehead import _direct_head, prepare
+from proxychain.server import IDLE_CHECK_MAX_INTERVAL, ClientInfo, Exchange, Server
 from proxychain.settings import ServerSettings
+from proxychain.sink import COALESCE_MAX_BYTES, H11Sink, _sendfile_some
 
 GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
 HEAD = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
