@@ -202,7 +202,8 @@ def _cmd_purge(args: argparse.Namespace) -> int:
 
 
 def _cmd_warm(args: argparse.Namespace) -> int:
-    from .warm import DEFAULT_CONCURRENCY, LockfileError, prefixes_from_settings, warm_main
+    from .lockfiles import LockfileError
+    from .warm import DEFAULT_CONCURRENCY, prefixes_from_settings, warm_main
 
     settings = _load(args.config)
     proxy = args.proxy or f"http://{settings.server.host}:{settings.server.port}"

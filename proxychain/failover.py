@@ -49,23 +49,18 @@ ever retried once response bytes may have reached the client. Rules, in order:
 
 Moving to *another* upstream needs no delay: backoff protects the one that just failed.
 
-Private paths (``GOPRIVATE``/``GONOPROXY`` style): :func:`match_private` finds the first
-:class:`PrivateRule` whose glob patterns match a prefix of the module path, with the semantics
-of Go's ``module.MatchPrefixPatterns`` and ``path.Match``; :func:`restrict_chain` then keeps only
-that rule's upstreams, and refuses (403) without contacting anyone when none is left.
-
-Loop detection: :func:`via_names_node` tells whether a request's ``Via`` (RFC 9110 §7.6.3)
-already names this proxy; the shell then answers 508 (RFC 5842 §7.2).
+A path the route declares private walks a chain restricted to the upstreams allowed to see it
+(:mod:`proxychain.privatepaths`); a request that has been through this proxy before is refused
+before any walk (:mod:`proxychain.loops`).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 import math
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -83,16 +78,11 @@ __all__ = [
     "Exhausted",
     "Fallthrough",
     "Hop",
-    "PrivateRule",
     "Refuse",
     "RetryPolicy",
     "Verdict",
     "classify",
-    "match_prefix_patterns",
-    "match_private",
     "parse_chain",
-    "restrict_chain",
-    "via_names_node",
 ]
 
 Fallthrough = Literal["notfound", "any"]
@@ -275,7 +265,8 @@ class ChainWalk:
     """One request's walk along a chain (see the module docstring for the rules).
 
     Args:
-        chain: the route's chain, possibly restricted by :func:`restrict_chain`.
+        chain: the route's chain, possibly restricted by
+            :func:`~proxychain.privatepaths.restrict_chain`.
         breakers: upstream URL to its breaker; an upstream without one is always allowed.
         retry: the same-upstream retry policy.
         rng: jitter source for retry delays.
@@ -480,200 +471,3 @@ class ChainWalk:
         p = self._p
         state = "used" if p.used else "pending" if p.pending else "done" if p.result else "ready"
         return f"<ChainWalk {state} hop={p.hop} retry={p.retry} attempts={p.attempts}>"
-
-
-# ---- private paths ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PrivateRule:
-    """Paths matching any of ``patterns`` may only be fetched from ``upstreams``.
-
-    Raises:
-        ChainError: on no patterns, no upstreams or a malformed glob.
-    """
-
-    patterns: tuple[str, ...]
-    upstreams: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if not any(g.strip("/") for p in self.patterns for g in p.split(",")):
-            raise ChainError("a private rule needs at least one pattern")
-        if not self.upstreams:
-            raise ChainError("a private rule needs at least one upstream")
-        for pattern in self.patterns:
-            for glob in pattern.split(","):
-                _compile_glob(glob.rstrip("/"))
-
-
-def match_prefix_patterns(globs: Iterable[str], target: str) -> bool:
-    """Go's ``module.MatchPrefixPatterns``: does any glob match a prefix of ``target``'s elements?
-
-    A glob with N slashes is matched (with ``path.Match`` rules: ``*`` and ``?`` never match
-    ``/``) against the first N+1 slash-separated elements of ``target``. Each glob may itself
-    be a comma-separated list, as in ``GOPRIVATE``; a trailing ``/`` and empty globs are ignored.
-
-    Raises:
-        ChainError: on a malformed glob.
-    """
-    for item in globs:
-        for raw in item.split(","):
-            glob = raw.removesuffix("/")
-            if not glob:
-                continue
-            elements = glob.count("/") + 1
-            parts = target.split("/")
-            if len(parts) < elements:
-                continue
-            if _compile_glob(glob).fullmatch("/".join(parts[:elements])):
-                return True
-    return False
-
-
-def match_private(path: str, rules: Iterable[PrivateRule]) -> PrivateRule | None:
-    """The first rule whose patterns match the module ``path`` (a leading ``/`` is ignored).
-
-    ``path`` is the unescaped module path, e.g. ``corp.example/team/lib/@v/list``; matching
-    a prefix of its elements makes the ``@v/...`` suffix irrelevant.
-    """
-    target = path.lstrip("/")
-    for rule in rules:
-        if match_prefix_patterns(rule.patterns, target):
-            return rule
-    return None
-
-
-def restrict_chain(chain: Chain | Refuse, rule: PrivateRule) -> Chain | Refuse:
-    """Keep only the hops ``rule`` allows, in order, each with its own separator.
-
-    Returns :class:`Refuse` (403) when no hop is left, so the request goes nowhere.
-    """
-    if isinstance(chain, Refuse):
-        return chain
-    allowed = set(rule.upstreams)
-    hops = tuple(hop for hop in chain.hops if hop.url in allowed)
-    if not hops:
-        return Refuse(reason="this private path may not be fetched from the route's upstreams")
-    return Chain(hops=hops, ends_off=chain.ends_off)
-
-
-@functools.lru_cache(maxsize=256)
-def _compile_glob(glob: str) -> re.Pattern[str]:
-    """Translate a Go ``path.Match`` glob to a regex; ChainError where Go says ErrBadPattern."""
-    out: list[str] = []
-    i, n = 0, len(glob)
-
-    def bad(why: str) -> ChainError:
-        return ChainError(f"bad path pattern {glob!r}: {why}")
-
-    def char(j: int) -> tuple[str, int]:
-        """One class character, honouring ``\\`` escapes; returns it and the next index."""
-        if j >= n or glob[j] in "-]":
-            raise bad("unterminated or malformed [ ] class")
-        if glob[j] == "\\":
-            if j + 1 >= n:
-                raise bad("trailing backslash")
-            return glob[j + 1], j + 2
-        return glob[j], j + 1
-
-    while i < n:
-        ch = glob[i]
-        if ch == "*":
-            out.append("[^/]*")
-            i += 1
-        elif ch == "?":
-            out.append("[^/]")
-            i += 1
-        elif ch == "\\":
-            if i + 1 >= n:
-                raise bad("trailing backslash")
-            out.append(re.escape(glob[i + 1]))
-            i += 2
-        elif ch == "[":
-            i += 1
-            negate = i < n and glob[i] == "^"
-            i += negate
-            ranges: list[str] = []
-            count = 0
-            while True:
-                if i < n and glob[i] == "]" and count:
-                    i += 1
-                    break
-                lo, i = char(i)
-                hi = lo
-                if i < n and glob[i] == "-":
-                    hi, i = char(i + 1)
-                count += 1
-                if lo <= hi:  # Go accepts an inverted range; it simply matches nothing
-                    ranges.append(f"{re.escape(lo)}-{re.escape(hi)}")
-            if ranges:
-                out.append(f"[{'^' if negate else ''}{''.join(ranges)}]")
-            else:
-                out.append("." if negate else "(?!)")
-        else:
-            out.append(re.escape(ch))
-            i += 1
-    return re.compile("".join(out), re.DOTALL)
-
-
-# ---- loop detection --------------------------------------------------------------------------
-
-
-def via_names_node(via_header: str | None, node_name: str) -> bool:
-    """Whether a ``Via`` field value (RFC 9110 §7.6.3) names ``node_name`` as a recipient.
-
-    ``Via: 1.1 name, 1.0 other:8080 (comment, with commas)``: each member is a received
-    protocol, a received-by (pseudonym or host, optional port) and an optional comment.
-    Names compare case-insensitively; ``node_name`` without a port also matches a received-by
-    with one. Malformed members are ignored. Several ``Via`` fields should be joined with ``,``.
-
-    Raises:
-        ValueError: if ``node_name`` is empty.
-    """
-    if not node_name.strip():
-        raise ValueError("node_name must not be empty")
-    if not via_header:
-        return False
-    node = node_name.strip().lower()
-    for member in _split_via(via_header):
-        words = member.split()
-        if len(words) < 2:
-            continue
-        received_by = words[1].lower()
-        if received_by == node or _host_of(received_by) == node:
-            return True
-    return False
-
-
-def _split_via(value: str) -> list[str]:
-    """Split on commas outside comments, and drop the comments (RFC 9110 §5.6.5)."""
-    members: list[str] = []
-    current: list[str] = []
-    depth = 0
-    escaped = False
-    for ch in value:
-        if depth:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == "(":
-                depth += 1
-            elif ch == ")":
-                depth -= 1
-        elif ch == "(":
-            depth = 1
-            current.append(" ")
-        elif ch == ",":
-            members.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    members.append("".join(current))
-    return members
-
-
-def _host_of(received_by: str) -> str:
-    if received_by.startswith("["):  # IPv6 literal, RFC 3986 §3.2.2
-        return received_by.partition("]")[0] + "]"
-    return received_by.partition(":")[0]

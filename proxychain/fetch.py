@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import failover, goproxy, mirror, policy
+from . import failover, goproxy, mirror, policy, privatepaths
 from .breaker import Breaker, BreakerConfig, BreakerEvent, BreakerState, StateChange
 from .clock import Clock
 from .errors import AllUpstreamsFailed, ErrorKind, RequestRefused, UpstreamError
@@ -86,7 +86,7 @@ class Route:
         self.chain = failover.parse_chain(settings.upstreams)
         self.retry = failover.RetryPolicy(max_retries=settings.retries)
         self.private = tuple(
-            failover.PrivateRule(patterns=p.patterns, upstreams=p.upstreams)
+            privatepaths.PrivateRule(patterns=p.patterns, upstreams=p.upstreams)
             for p in settings.private
         )
         b = settings.breaker
@@ -159,7 +159,7 @@ class Route:
         anyone, as ``GONOSUMDB`` keeps ``go`` from asking: the module's name must not leak to
         the public checksum database, and a private upstream has no sumdb to ask.
         """
-        rule = failover.match_private(self._private_subject(path), self.private)
+        rule = privatepaths.match_private(self._private_subject(path), self.private)
         if rule is None:
             return self.chain
         if self.settings.kind == "goproxy" and goproxy.sumdb_lookup_module(path) is not None:
@@ -167,7 +167,7 @@ class Route:
                 reason="checksum database lookups of private modules are not forwarded",
                 status_hint=404,
             )
-        return failover.restrict_chain(self.chain, rule)
+        return privatepaths.restrict_chain(self.chain, rule)
 
     def _private_subject(self, path: str) -> str:
         """What private patterns match: for goproxy, the module path in its real case.

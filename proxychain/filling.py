@@ -26,7 +26,7 @@ from typing import assert_never
 
 import trio
 
-from . import failover, freshness, keys, package_fill, packages, policy
+from . import failover, freshness, keys, package_fill, policy, rewriting
 from .clock import Clock
 from .coalesce import Fill, FillRegistry
 from .delivery import send_followed
@@ -259,7 +259,7 @@ class Filler:
                     exchange.upstream = result.upstream
                     head = result.response.head
                     if validate is not None and head.status == 304:
-                        head = packages.rewritten_not_modified(validate[0].entry.headers, head)
+                        head = rewriting.rewritten_not_modified(validate[0].entry.headers, head)
                         await self._freshened(
                             at, validate[0], head, request_time, response_time, sink, exchange
                         )
@@ -378,7 +378,7 @@ class Filler:
         if validate is not None:
             stored, conditional = validate
             headers = headers.update(
-                packages.rewritten_conditionals(stored.entry.headers, conditional)
+                rewriting.rewritten_conditionals(stored.entry.headers, conditional)
             )
         return Request(
             method="GET",

@@ -25,7 +25,7 @@ and caches cannot conflate ``github.com/Azure`` with ``github.com/azure``. ``go`
 subset of ``module.CheckPath``) and re-escapes, and uses that canonical form as the cache key
 and the upstream path. Malformed paths classify as ``None``: the proxy answers 404 at once.
 
-``GOPRIVATE`` / ``GONOSUMDB``-style patterns (``failover.match_prefix_patterns``) let the proxy
+``GOPRIVATE`` / ``GONOSUMDB``-style patterns (``privatepaths.match_prefix_patterns``) let the proxy
 refuse to ask the public checksum database about private modules (:func:`sumdb_lookup_module`
 names the module a lookup is about).
 

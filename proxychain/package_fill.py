@@ -5,7 +5,7 @@ once. When ``packages.plan_fill`` returns a plan (a file with an announced diges
 page or packument whose links are rewritten, a checksum-database lookup), the proxy calls
 :func:`fill_buffered` instead: the whole upstream body goes into a store writer only, then
 ``packages.finish_fill`` verifies and/or rewrites it and commits it, or drops it and returns
-the :class:`~proxychain.packages.IntegrityError`. The proxy then serves the committed entry
+the :class:`~proxychain.integrity.IntegrityError`. The proxy then serves the committed entry
 from the store, or counts the failure and walks the chain again without that upstream.
 
 Nothing is published to the fill's waiters while the body is buffered (no head, no temp file
@@ -19,11 +19,12 @@ import dataclasses
 
 import trio
 
-from . import keys, mirror, packages
+from . import digestbook, keys, mirror, packages
 from .entry import Entry
 from .fetch import FetchResult
 from .http import Headers
-from .packages import FillPlan, IntegrityError
+from .integrity import IntegrityError
+from .packages import FillPlan
 from .store import Store
 
 __all__ = ["REWRITE_ACCEPT_ENCODING", "fill_buffered", "fill_headers", "keyed_path_class"]
@@ -67,7 +68,7 @@ async def fill_buffered(
     entry: Entry,
     *,
     store: Store,
-    book: packages.DigestBook,
+    book: digestbook.DigestBook,
 ) -> Entry | IntegrityError:
     """Read ``result``'s whole body into a writer for ``entry``, then finish it per ``plan``.
 

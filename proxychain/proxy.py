@@ -34,10 +34,11 @@ from typing import assert_never
 
 import trio
 
-from . import failover, keys, mirror, package_fill, packages, policy
+from . import digestbook, keys, loops, mirror, package_fill, policy, rewriting
 from .breaker import BreakerStatistics
 from .clock import Clock
 from .coalesce import FillRegistry
+from .digestbook import DigestBook
 from .disk import open_disk_tier
 from .entry import Entry
 from .errors import ProxyChainError
@@ -48,7 +49,6 @@ from .health import run_health_checks
 from .http import Request, strip_hop_by_hop
 from .metrics import Metrics, multiprocess_enabled
 from .observe import Observer
-from .packages import DigestBook
 from .purgelog import Purge, PurgeLog
 from .revalidation import Revalidator
 from .server import ClientInfo, Exchange
@@ -257,7 +257,7 @@ class Proxy:
             await send_error(sink, 404, f"no route for {request.path}", self.clock)
             return
         exchange.route = route.settings.prefix
-        if failover.via_names_node(request.headers.get("via"), self.node_name):
+        if loops.via_names_node(request.headers.get("via"), self.node_name):
             exchange.outcome = "ERROR"
             await send_error(
                 sink, 508, f"loop detected: Via already names {self.node_name}", self.clock
@@ -389,7 +389,7 @@ class Proxy:
             raise path_class
         path_class = package_fill.keyed_path_class(route.settings.kind, path_class)
         query = relative[len(path) :]
-        file_host, upstream_path = packages.upstream_target(route.settings, path_class.key_path)
+        file_host, upstream_path = rewriting.upstream_target(route.settings, path_class.key_path)
         url = route.settings.prefix + path_class.key_path.lstrip("/") + query
         target = _Target(
             upstream_target=upstream_path + query,
@@ -471,7 +471,7 @@ async def open_proxy(
         async with trio.open_nursery() as nursery:
             # Only the mirror kinds announce digests; plain HTTP routes need no file.
             mirrors = any(route.settings.kind != "http" for route in routes)
-            digests = await packages.open_digest_book(cache.dir if mirrors else None)
+            digests = await digestbook.open_digest_book(cache.dir if mirrors else None)
             try:
                 # Commits of bodies already served run here; leaving the block waits for them,
                 # so a graceful stop keeps what its clients were sent.

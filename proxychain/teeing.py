@@ -10,7 +10,7 @@ client's connection moves on at once and a graceful stop still keeps what client
 
 Bodies a package protocol lets us check or must rewrite are buffered instead
 (``package_fill.py``): served only once verified and committed; a failed check returns the
-:class:`~proxychain.packages.IntegrityError`, and the leader walks the chain again without
+:class:`~proxychain.integrity.IntegrityError`, and the leader walks the chain again without
 that upstream.
 """
 
@@ -21,15 +21,16 @@ from collections.abc import Awaitable
 
 import trio
 
-from . import keys, package_fill, packages, policy
+from . import keys, package_fill, packages, policy, rewriting
 from .coalesce import Fill, FillRegistry
 from .connection import ClientGone
+from .digestbook import DigestBook
 from .entry import Entry
 from .errors import ProxyChainError, UpstreamError
 from .fetch import FetchResult, Route
 from .forwarding import Forwarding, Lookup, serve_entry
+from .integrity import IntegrityError
 from .observe import Observer
-from .packages import DigestBook, IntegrityError
 from .server import Exchange
 from .sink import H11Sink
 from .store import Store, Stored, StoreWriter
@@ -99,7 +100,7 @@ class Tee:
                 at.path_class,
                 head,
                 upstream=result.upstream,
-                proxy_base=packages.proxy_base_for(
+                proxy_base=rewriting.proxy_base_for(
                     route.settings.prefix,
                     host=at.request.headers.get("host"),
                     scheme=at.client.scheme,

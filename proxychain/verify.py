@@ -20,7 +20,7 @@ from . import goproxy, mirror
 from .disk import DiskTier, open_disk_tier
 from .entry import Entry
 from .errors import CacheCorrupt
-from .packages import HASH_ALGORITHMS, IntegrityError, check_file_digest
+from .integrity import HASH_ALGORITHMS, IntegrityError, check_file_digest
 from .settings import Settings
 
 __all__ = ["VerifyReport", "verify_cache", "verify_entry"]

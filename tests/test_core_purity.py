@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxychain"
 CORE = (
     "backoff",
     "breaker",
+    "directives",
     "diskmeta",
     "entry",
     "errors",
@@ -23,11 +24,16 @@ CORE = (
     "goproxy",
     "http",
     "keys",
+    "lockfiles",
+    "loops",
     "mirror",
     "npm",
     "policy",
+    "privatepaths",
     "pypi",
     "ranges",
+    "storability",
+    "validation",
 )
 FORBIDDEN = frozenset(
     {

@@ -13,9 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxychain import goproxy, mirror
-from proxychain.failover import ChainError, match_prefix_patterns
+from proxychain.failover import ChainError
 from proxychain.goproxy import GoSumLine, ModuleRequest, SumdbRequest
 from proxychain.mirror import METADATA_MAX_STALE, METADATA_SWR, METADATA_TTL, MalformedPath
+from proxychain.privatepaths import match_prefix_patterns
 
 # ---- case encoding ---------------------------------------------------------------------------
 
@@ -347,7 +348,7 @@ _MALFORMED = {"a.com/[", "a.com/[]", "a.com/\\", "a.com/[\\", "a.com/[a-"}
 
 @pytest.mark.parametrize(("patterns", "module", "expected"), PATTERN_CASES)
 def test_private_patterns_on_module_paths(patterns: list[str], module: str, expected: bool) -> None:
-    """The private-path matcher (``failover``) on module paths, GOPRIVATE style.
+    """The private-path matcher (``privatepaths``) on module paths, GOPRIVATE style.
 
     Where Go silently ignores a malformed glob, the matcher rejects it (a config error).
     """

@@ -1,4 +1,4 @@
-"""packages.py: planning buffered fills, verifying and rewriting them, the digest book."""
+"""packages.py: planning buffered fills, then verifying, rewriting or learning from them."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxychain import goproxy, mirror, packages
+from proxychain import goproxy, integrity, mirror, packages
 from proxychain.__main__ import main as cli_main
+from proxychain.digestbook import DigestBook
 from proxychain.disk import DiskTier, open_disk_tier
 from proxychain.entry import Entry
 from proxychain.http import Headers, ResponseHead
-from proxychain.packages import DigestBook, FillPlan, IntegrityError
+from proxychain.integrity import IntegrityError
+from proxychain.packages import FillPlan
 from proxychain.settings import RouteSettings, parse_settings
 from proxychain.store import MemoryTier, Store
 from proxychain.verify import verify_cache
@@ -123,22 +125,20 @@ async def test_plan_fill_table(
     assert (plan.route_prefix, plan.key_path) == (route.prefix, path_class.key_path)
 
 
-def test_proxy_base_and_upstream_target() -> None:
-    assert packages.proxy_base_for("/npm/", host="h:8") == "http://h:8/npm"
-    assert packages.proxy_base_for("/npm/", host=None) == "/npm"
-    assert packages.upstream_target(PYPI, "/files/files.example/a/b.whl") == (
-        "http://files.example",
-        "/a/b.whl",
-    )
-    assert packages.upstream_target(PYPI, "/packages/a.whl") == (None, "/packages/a.whl")
-    assert packages.upstream_target(NPM, "/files/x/y") == (None, "/files/x/y")
-    # Another host's file link goes to the chain (a chained proxychain), never fetched directly.
-    assert packages.upstream_target(PYPI, "/files/evil.example/a.whl") == (
-        None,
-        "/files/evil.example/a.whl",
-    )
-    with pytest.raises(mirror.MalformedPath):
-        packages.upstream_target(PYPI, "/files/no-file-part")
+@pytest.mark.parametrize(
+    ("route_kind", "path_kind", "expected"),
+    [
+        ("pypi", "simple-index", True),
+        ("pypi", "project-page", True),
+        ("npm", "packument", True),
+        ("pypi", "file", False),
+        ("npm", "tarball", False),
+        ("goproxy", "list", False),
+        ("http", "other", False),
+    ],
+)
+def test_rewrites(route_kind: str, path_kind: str, expected: bool) -> None:
+    assert packages.rewrites(route_kind, path_kind) is expected
 
 
 # ---- verify ----------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_unusable_expected_digest_is_an_integrity_error(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x")
     with pytest.raises(IntegrityError):
-        packages.check_file_digest("md5:00", path, "/f")
+        integrity.check_file_digest("md5:00", path, "/f")
 
 
 # ---- rewrites --------------------------------------------------------------------------------
@@ -394,44 +394,6 @@ async def test_sumdb_lookup_teaches_go_hashes(store: Store) -> None:
         assert isinstance(result, Entry) is accepted, (suffix, body[:20])
 
 
-# ---- the digest book -------------------------------------------------------------------------
-
-
-async def test_digest_book_survives_restart_and_sees_other_processes(tmp_path: Path) -> None:
-    first = await packages.open_digest_book(tmp_path)
-    assert await first.learn("/pypi/", {"/a.whl": "sha256:aa", "/b.whl?x=1": "sha256:bb"}) == 1
-    assert await first.learn("/pypi/", {"/a.whl": "sha256:aa"}) == 0  # nothing new: no write
-    second = await packages.open_digest_book(tmp_path)
-    assert second.get("/pypi/", "/a.whl") == "sha256:aa"
-    assert second.get("/pypi/", "/b.whl?x=1") is None  # queries never name a file
-    await second.learn("/npm/", {"/x/-/x-1.tgz": "sha1:11"})
-    # A torn line (a crash mid-append) is skipped, not fatal.
-    with (tmp_path / packages.DIGEST_FILE_NAME).open("ab") as file:
-        file.write(b'{"r": "/npm/", "p"\n')
-    assert first.get("/npm/", "/x/-/x-1.tgz") is None
-    assert await first.expected("/npm/", "/x/-/x-1.tgz") == "sha1:11"
-    assert await first.expected("/npm/", "/missing") is None
-
-
-async def test_digest_book_is_bounded_and_compacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(packages, "COMPACT_MIN_LINES", 4)
-    book = DigestBook(tmp_path / "d.jsonl", max_digests=3)
-    for i in range(6):
-        await book.learn("/r/", {f"/{i}": f"sha1:{i}"})
-    lines = (tmp_path / "d.jsonl").read_bytes().splitlines()
-    assert len(lines) == 6  # not yet above max(4, 2 * 3) lines
-    await book.learn("/r/", {"/6": "sha1:6"})
-    known = [book.get("/r/", f"/{i}") for i in range(7)]
-    assert known == [None, None, None, None, "sha1:4", "sha1:5", "sha1:6"]
-    lines = (tmp_path / "d.jsonl").read_bytes().splitlines()
-    assert [json.loads(line)["p"] for line in lines] == ["/4", "/5", "/6"]
-    reopened = DigestBook(tmp_path / "d.jsonl")
-    await reopened.refresh()
-    assert len(reopened) == 3
-
-
 async def test_finish_fill_cancelled_leaves_no_temp_files(store: Store, tmp_path: Path) -> None:
     writer = await fill(store, WHEEL)
     plan = FillPlan(
@@ -506,92 +468,3 @@ def test_verify_command_exit_status(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n[log]\naccess_log = false\n')
     assert cli_main(["verify", "--config", str(config)]) == 0
-
-
-# ---- revalidating rewritten entries ----------------------------------------------------------
-
-OURS = '"pc-' + "0" * 40 + '"'
-
-
-@pytest.mark.parametrize(
-    ("stored", "conditional", "expected"),
-    [
-        # a plain entry: the cache's own validators
-        ([("etag", '"u1"')], [("if-none-match", '"u1"')], [("if-none-match", '"u1"')]),
-        # rewritten: the upstream's ETag instead of ours
-        (
-            [("etag", OURS), ("x-upstream-etag", '"u1"')],
-            [("if-none-match", OURS), ("if-modified-since", "d")],
-            [("if-none-match", '"u1"'), ("if-modified-since", "d")],
-        ),
-        # rewritten from an upstream without an ETag: only the date validates
-        (
-            [("etag", OURS)],
-            [("if-none-match", OURS), ("if-modified-since", "d")],
-            [("if-modified-since", "d")],
-        ),
-    ],
-)
-def test_rewritten_conditionals(
-    stored: list[tuple[str, str]],
-    conditional: list[tuple[str, str]],
-    expected: list[tuple[str, str]],
-) -> None:
-    out = packages.rewritten_conditionals(Headers(stored), Headers(conditional))
-    assert list(out) == expected
-
-
-REWRITTEN = Headers([("etag", OURS), ("x-upstream-etag", '"u1"'), ("content-length", "10")])
-
-
-@pytest.mark.parametrize(
-    ("stored", "status", "fields", "expected"),
-    [
-        # the upstream's ETag maps back to ours; its length and coding are dropped
-        (
-            REWRITTEN,
-            304,
-            [("etag", '"u1"'), ("content-length", "99"), ("content-encoding", "gzip")],
-            [("etag", OURS)],
-        ),
-        (
-            REWRITTEN,
-            304,
-            [("cache-control", "max-age=5")],
-            [("cache-control", "max-age=5"), ("etag", OURS)],
-        ),
-        # another ETag than the one we asked with stays: it selects nothing (RFC 9111 §4.3.4)
-        (REWRITTEN, 304, [("etag", '"u2"')], [("etag", '"u2"')]),
-        # not a 304, or not a rewritten entry: unchanged
-        (REWRITTEN, 200, [("etag", '"u1"')], [("etag", '"u1"')]),
-        (
-            Headers([("etag", '"u1"')]),
-            304,
-            [("etag", '"u1"'), ("content-length", "3")],
-            [("etag", '"u1"'), ("content-length", "3")],
-        ),
-    ],
-)
-def test_rewritten_not_modified(
-    stored: Headers, status: int, fields: list[tuple[str, str]], expected: list[tuple[str, str]]
-) -> None:
-    out = packages.rewritten_not_modified(
-        stored, ResponseHead(status=status, headers=Headers(fields))
-    )
-    assert (out.status, list(out.headers)) == (status, expected)
-
-
-@pytest.mark.parametrize(
-    ("route_kind", "path_kind", "expected"),
-    [
-        ("pypi", "simple-index", True),
-        ("pypi", "project-page", True),
-        ("npm", "packument", True),
-        ("pypi", "file", False),
-        ("npm", "tarball", False),
-        ("goproxy", "list", False),
-        ("http", "other", False),
-    ],
-)
-def test_rewrites(route_kind: str, path_kind: str, expected: bool) -> None:
-    assert packages.rewrites(route_kind, path_kind) is expected
