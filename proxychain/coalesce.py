@@ -47,7 +47,8 @@ import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import trio
 
@@ -55,7 +56,7 @@ from .entry import Entry
 from .errors import UpstreamError
 from .http import ResponseHead
 
-__all__ = ["Fill", "FillRegistry", "FillState"]
+__all__ = ["CrossProcessLead", "Fill", "FillRegistry", "FillState"]
 
 # Read size for waiters following a fill: bytes per system call is what counts for big bodies.
 FOLLOW_CHUNK = 1024 * 1024
@@ -72,6 +73,16 @@ FOLLOW_WAKE_INTERVAL = 0.010
 # The newest body pieces kept in memory for waiters (beyond those not yet in the file): a herd
 # moves together within a few read sizes of the leader; a waiter further behind reads the file.
 LIVE_WINDOW = 4 * FOLLOW_CHUNK  # bytes
+
+
+class CrossProcessLead(Protocol):
+    """A lead on a key's fill held across worker processes (``siblingfill.HeldLead``)."""
+
+    def announce(self, head: ResponseHead, entry: Entry, tmp_path: Path) -> None:
+        """Tell the other processes where the fill's body is being written."""
+
+    def release(self) -> None:
+        """Let go of the lead (idempotent)."""
 
 
 @dataclass(slots=True)
@@ -109,6 +120,9 @@ class Fill:
     # What a revalidation fill validates (the leader's ``Stored``, compared by identity), so
     # that a 304 for that very lookup, and no other, ends the fill as freshened.
     validating: object | None = None
+    # Under ``--workers``: this worker's lock on leading the key's fill across processes
+    # (``siblingfill.py``), released when the fill leaves the registry.
+    lead: CrossProcessLead | None = None
     _changed: trio.Event = field(default_factory=trio.Event)
     _head_known: trio.Event = field(default_factory=trio.Event)
     _ended_event: trio.Event = field(default_factory=trio.Event)
@@ -176,6 +190,13 @@ class Fill:
             drop += 1
         if drop:
             del self._live[:drop], self._live_offsets[:drop]
+
+    def publish_file_size(self, size: int) -> None:
+        """The body reached ``size`` bytes in the temp file, written by another process (a
+        sibling worker's fill mirrored here): there are no live pieces, waiters read the file."""
+        if size > self.state.written:
+            self.state.received = self.state.written = size
+            self._notify()
 
     def body_arrived(self) -> None:
         """The leader has the whole body; only writing its last batch and the commit remain."""
@@ -369,3 +390,6 @@ class FillRegistry:
             if not self._fills:
                 self._empty.set()
         fill.close_shared()
+        if fill.lead is not None:
+            fill.lead.release()
+            fill.lead = None

@@ -355,6 +355,20 @@ class DiskTier:
             await self._drop(entry, str(exc))
             raise
 
+    async def is_body_file(self, entry: Entry, file: BinaryIO) -> bool:
+        """Whether ``file`` is ``entry``'s committed body (the same file, not a copy): how a
+        body streamed from another process's temp file is known to be the one it stored."""
+        path = self._body_path(entry)
+
+        def same() -> bool:
+            try:
+                mine, theirs = os.fstat(file.fileno()), path.stat()
+            except FileNotFoundError:
+                return False
+            return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+        return await self._run(same)
+
     async def drop(self, entry: Entry, reason: str) -> None:
         """Drop ``entry`` found corrupt while it was served (logged and counted)."""
         await self._drop(entry, reason)

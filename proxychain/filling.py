@@ -37,6 +37,7 @@ from .forwarding import Forwarding, Lookup, serve_entry
 from .http import Headers, Request, ResponseHead
 from .observe import Observer
 from .server import Exchange
+from .siblingfill import SiblingFills
 from .sink import H11Sink
 from .store import Store, Stored
 from .teeing import Tee
@@ -75,6 +76,7 @@ class Filler:
         observer: Observer,
         forwarding: Forwarding,
         tee: Tee,
+        siblings: SiblingFills | None = None,
     ) -> None:
         self._store = store
         self._fills = fills
@@ -83,6 +85,7 @@ class Filler:
         self._observer = observer
         self._forwarding = forwarding
         self._tee = tee
+        self._siblings = siblings  # under --workers: fills shared with the other workers
 
     async def fill(
         self,
@@ -100,6 +103,12 @@ class Filler:
         the policy says (the stale copy where stale-if-error allows), a miss with the 502/504.
         """
         fill = self._fills.get(at.key)
+        lead = None
+        if fill is None and validate is None and self._siblings is not None:
+            lead = self._siblings.lead(at.key)
+            if lead is None:  # a sibling worker leads this key's fill: follow it from here
+                fill = self._fills.start(at.key)
+                self._nursery.start_soon(self._siblings.mirror, fill, self._store, self._fills)
         if fill is not None:
             try:
                 if await self._follow(at, fill, sink, exchange):
@@ -110,6 +119,10 @@ class Filler:
                 await self._upstream_failed(at, validate[0], exc, sink, exchange)
                 return
         fill = self._fills.start(at.key) if self._fills.get(at.key) is None else None
+        if fill is not None:
+            fill.lead = lead  # released with the fill (``FillRegistry.end``)
+        elif lead is not None:
+            lead.release()
         if fill is not None and validate is not None:
             fill.validating = validate[0]  # a 304 for it ends the fill (``_freshened``)
         try:

@@ -53,6 +53,7 @@ from .purgelog import Purge, PurgeLog
 from .revalidation import Revalidator
 from .server import ClientInfo, Exchange
 from .settings import Settings
+from .siblingfill import SiblingFills
 from .sink import H11Sink, send_error
 from .status import build_stats, readiness, tier_figures
 from .store import MemoryTier, Store, Stored
@@ -130,6 +131,11 @@ class Proxy:
             observer=observer,
             forwarding=self._forwarding,
             tee=tee,
+            # Sibling workers share the disk tier: one of them fetches a key, the others
+            # stream its temp file (``siblingfill.py``).
+            siblings=(
+                SiblingFills(settings.cache.dir / "fills") if settings.server.workers > 1 else None
+            ),
         )
         self._revalidator = Revalidator(
             store=store, fills=self._fills, nursery=nursery, observer=observer, filler=self._filler

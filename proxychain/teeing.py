@@ -122,6 +122,8 @@ class Tee:
             fill.publish_head(
                 client_head, entry, writer.open_reader() if writer else None, storable
             )
+            if fill.lead is not None and writer is not None:
+                fill.lead.announce(client_head, entry, writer.tmp_path)  # to sibling workers
         exchange.outcome = outcome
         if sink is None and writer is None:
             if fill is not None:

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from proxychain import workers
-from tests.fakes import FakeOrigin, ok, serve_origin
+from tests.fakes import FakeOrigin, Reply, ok, serve_origin
 
 pytestmark = pytest.mark.loopback
 
@@ -193,6 +193,46 @@ async def test_connections_held_open_are_shared_between_the_workers(tmp_path: Pa
             with trio.fail_after(STOP_TIMEOUT_S):
                 while proc.poll() is None:
                     await trio.sleep(POLL_S)
+
+
+async def test_a_key_asked_of_both_workers_at_once_is_fetched_once(tmp_path: Path) -> None:
+    """The worker that leads a fill holds the key's fill lock; the other one streams the
+    leader's temp file to its own clients instead of fetching too (proxychain.siblingfill)."""
+    origin = FakeOrigin()
+    origin.set("/a.txt", ok(b"shared\n", ("cache-control", "max-age=600")))
+    pieces = [bytes([i]) * 64 * 1024 for i in range(8)]
+    origin.set(
+        "/slow.bin",
+        Reply(headers=[("cache-control", "max-age=600")], body=pieces, chunk_delay=0.1),
+    )
+    async with serve_origin(origin) as upstream:
+        with _supervisor(tmp_path, upstream) as proc:
+            (port,) = await _wait_for(tmp_path, r"supervising 2 workers on 127\.0\.0\.1:(\d+)")
+            await _wait_for(tmp_path, SERVING, count=2)
+            got: list[httpx.Response] = []
+            async with contextlib.AsyncExitStack() as held:
+                clients = []
+                for _ in range(HELD_CONNECTIONS):  # connections placed on both workers first
+                    client = await held.enter_async_context(httpx.AsyncClient())
+                    assert (await client.get(f"http://127.0.0.1:{port}/a.txt")).status_code == 200
+                    clients.append(client)
+
+                async def fetch(client: httpx.AsyncClient) -> None:
+                    got.append(await client.get(f"http://127.0.0.1:{port}/slow.bin"))
+
+                async with trio.open_nursery() as nursery:
+                    for client in clients:
+                        nursery.start_soon(fetch, client)
+            assert [(r.status_code, r.content) for r in got] == [(200, b"".join(pieces))] * len(
+                clients
+            )
+            assert len({r.headers["x-proxychain-worker"] for r in got}) == 2
+            assert origin.count("/slow.bin") == 1
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(STOP_TIMEOUT_S):
+                while proc.poll() is None:
+                    await trio.sleep(POLL_S)
+    assert not list((tmp_path / "cache" / "fills").iterdir())  # every lock file let go
 
 
 async def test_admin_stats_count_every_workers_requests(tmp_path: Path) -> None:
