@@ -21,9 +21,10 @@ import trio
 
 from . import __version__
 from .clock import Clock
+from .configfile import default_settings, load_settings
 from .errors import ConfigError
 from .logs import configure_logging
-from .settings import Settings, default_settings, load_settings, parse_listen
+from .settings import Settings, parse_listen
 
 if TYPE_CHECKING:
     from .balance import Seat

@@ -11,35 +11,22 @@ Label values are kept low-cardinality on purpose: status codes are folded into c
 configured names, never request paths.
 
 The request families (requests, sent bytes, request duration) are updated once per client
-request, so in single-process mode they are plain per-process tallies (:class:`_RequestTallies`,
-a few dict and float updates instead of prometheus-client's locked value objects), rendered by
-a custom collector at scrape time with the same samples those objects would give.
+request, so in single-process mode they are plain per-process tallies
+(:mod:`proxychain.tallies`), rendered at scrape time with the same samples prometheus-client's
+value objects would give. Cache-tier figures are owned by the store and read through a
+callback (:mod:`proxychain.tiermetrics`), so they cost nothing between scrapes.
 
-Cache-tier figures (bytes, entries, evictions per tier) are owned by the store, not by the
-metrics: a ``tier_source`` callback returns the current numbers and is called at scrape time
-by a custom collector, so the figures are exact when read and cost nothing between scrapes.
-
-Multi-process mode (``--workers N``). prometheus-client keeps per-process values in mmap files
-when the environment variable ``PROMETHEUS_MULTIPROC_DIR`` names an empty, writable directory
-*before* ``prometheus_client`` is first imported (it picks its value class at import time).
-The supervisor therefore sets that variable (and wipes the directory) before starting the
-workers, every worker builds ``Metrics(multiprocess=True)``, and whichever process serves
-``/metrics`` renders a ``MultiProcessCollector`` view that merges all workers: counters and
-histograms are summed. Tier figures are per worker there (each has its own memory tier), so
-each worker pushes them into gauges with :meth:`Metrics.sample_tiers` on a timer (and on every
-``render``); those gauges carry a ``pid`` label (prometheus-client's "liveall" mode: sum the
-memory tier over ``pid``, take the max for the shared disk tier). When a worker exits, the
-supervisor calls :func:`mark_worker_dead` so its live gauges disappear.
+Multi-process mode (``--workers N``, :mod:`proxychain.mergedmetrics`): every worker builds
+``Metrics(multiprocess=True)``, its figures go to prometheus-client's per-process files, and
+``render`` shows all workers merged. Tier figures are per worker there (each has its own memory
+tier), so each worker pushes them into live gauges with :meth:`Metrics.sample_tiers` on a timer
+(and on every ``render``).
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
-import os
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Literal
 
 from prometheus_client import (
@@ -49,14 +36,23 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-    values,
 )
-from prometheus_client import metrics as prom_metrics
-from prometheus_client import multiprocess as prom_multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
-from .errors import ConfigError, ErrorKind, UpstreamError
+from .errors import ErrorKind, UpstreamError
+from .mergedmetrics import (
+    MULTIPROC_DIR_ENV,
+    mark_worker_dead,
+    merged_registry,
+    multiprocess_enabled,
+)
+from .tallies import (
+    DURATION_BUCKETS_SECONDS,
+    DURATION_HELP,
+    REQUESTS_HELP,
+    SENT_BYTES_HELP,
+    RequestTallies,
+)
+from .tiermetrics import TierCollector, TierFigures, TierGauges, TierSource
 
 __all__ = [
     "BREAKER_STATE_VALUES",
@@ -71,31 +67,6 @@ __all__ = [
     "multiprocess_enabled",
 ]
 
-MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-# From a 1 ms memory hit to a minute-long cold .zip fill through a slow upstream.
-DURATION_BUCKETS_SECONDS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-
-_REQUESTS_HELP = "Client requests by route, method, status class, cache outcome and tier."
-_SENT_BYTES_HELP = "Body bytes sent to clients."
-_DURATION_HELP = "Time from request head to last body byte."
-
 # Gauge encoding of a breaker's state; ordered by how bad it is so max() over upstreams works.
 BREAKER_STATE_VALUES: Mapping[str, int] = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -105,29 +76,6 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "
 # ERROR: no cache outcome, the proxy answered with an error of its own (no route, 502, ...).
 Outcome = Literal["HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "ERROR"]
 Tier = Literal["memory", "disk", "none"]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TierFigures:
-    """The current size of one cache tier, as reported by the store."""
-
-    bytes: int
-    entries: int
-    evictions: int  # cumulative since the tier was opened
-
-
-TierSource = Callable[[], Mapping[str, TierFigures]]
-"""Returns the current figures keyed by tier name ("memory", "disk")."""
-
-
-def multiprocess_enabled() -> bool:
-    """Whether prometheus-client was imported with ``PROMETHEUS_MULTIPROC_DIR`` set."""
-    return bool(getattr(values.ValueClass, "_multiprocess", False))
-
-
-def mark_worker_dead(pid: int) -> None:
-    """Drop the live gauges of an exited worker (call from the supervisor)."""
-    prom_multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _status_class(status: int) -> str:
@@ -142,131 +90,6 @@ def _breaker_state_name(state: str | enum.Enum) -> str:
     return key
 
 
-class _TierCollector:
-    """Asks the tier source for figures at scrape time (single-process mode)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> Iterator[Metric]:
-        return self._families({})
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families(self._metrics._tier_figures())
-
-    def _families(self, figures: Mapping[str, TierFigures]) -> Iterator[Metric]:
-        ns = self._metrics.namespace
-        size = GaugeMetricFamily(
-            f"{ns}_cache_bytes", "Bytes held by a cache tier.", labels=["tier"]
-        )
-        entries = GaugeMetricFamily(
-            f"{ns}_cache_entries", "Entries held by a cache tier.", labels=["tier"]
-        )
-        evictions = CounterMetricFamily(
-            f"{ns}_cache_evictions", "Entries evicted from a cache tier.", labels=["tier"]
-        )
-        for tier, fig in sorted(figures.items()):
-            size.add_metric([tier], fig.bytes)
-            entries.add_metric([tier], fig.entries)
-            evictions.add_metric([tier], fig.evictions)
-        yield from (size, entries, evictions)
-
-
-@dataclass(slots=True)
-class _Tally:
-    """One labelled counter series: its value and its creation time (the ``_created`` sample)."""
-
-    value: float = 0.0
-    created: float = field(default_factory=time.time)
-
-
-@dataclass(slots=True)
-class _DurationTally:
-    """One labelled histogram series: observations per bucket (not cumulative), their sum."""
-
-    buckets: list[float]
-    sum: float = 0.0
-    created: float = field(default_factory=time.time)
-
-
-class _RequestTallies:
-    """The request families as plain per-process tallies, exposed at scrape time.
-
-    Only the data plane's thread updates them (no lock). ``collect`` yields the samples
-    prometheus-client's ``Counter``/``Histogram`` would (same names, labels, order and
-    ``_created`` series), so the exposition does not change.
-    """
-
-    def __init__(self, ns: str) -> None:
-        self._ns = ns
-        self._bounds = [*DURATION_BUCKETS_SECONDS, float("inf")]
-        self._bound_names = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
-        # Keyed like the families' labels; insertion order is the order series are exposed.
-        self.requests: dict[tuple[str, str, str, str, str], _Tally] = {}
-        self.sent: dict[tuple[str, str], _Tally] = {}
-        self.durations: dict[tuple[str, str], _DurationTally] = {}
-
-    def add(self, labels: tuple[str, str, str, str, str], bytes_sent: int, duration: float) -> None:
-        """Count one request; ``labels`` as in ``{ns}_requests``."""
-        series = self.requests.get(labels)
-        if series is None:
-            series = self.requests[labels] = _Tally()
-        series.value += 1
-        route, _, _, outcome, tier = labels
-        timing = self.durations.get((route, outcome))
-        if timing is None:
-            timing = self.durations[route, outcome] = _DurationTally([0.0] * len(self._bounds))
-        timing.sum += duration
-        timing.buckets[bisect.bisect_left(self._bounds, duration)] += 1
-        if bytes_sent:
-            sent = self.sent.get((route, tier))
-            if sent is None:  # created on first use: no zero series for tiers never sent
-                sent = self.sent[route, tier] = _Tally()
-            sent.value += bytes_sent
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(self._families())
-
-    def collect(self) -> Iterator[Metric]:
-        requests, sent, durations = self._families()
-        names = ("route", "method", "status", "outcome", "tier")
-        for labels, series in list(self.requests.items()):
-            _add_counter(requests, dict(zip(names, labels, strict=True)), series)
-        for (route, tier), series in list(self.sent.items()):
-            _add_counter(sent, {"route": route, "tier": tier}, series)
-        name = durations.name
-        for (route, outcome), timing in list(self.durations.items()):
-            keyed = {"route": route, "outcome": outcome}
-            total = 0.0
-            for le, count in zip(self._bound_names, timing.buckets, strict=True):
-                total += count
-                durations.add_sample(f"{name}_bucket", {**keyed, "le": le}, total)
-            durations.add_sample(f"{name}_count", keyed, total)
-            durations.add_sample(f"{name}_sum", keyed, timing.sum)
-            if _use_created():
-                durations.add_sample(f"{name}_created", keyed, timing.created)
-        yield from (requests, sent, durations)
-
-    def _families(self) -> tuple[Metric, Metric, Metric]:
-        ns = self._ns
-        return (
-            Metric(f"{ns}_requests", _REQUESTS_HELP, "counter"),
-            Metric(f"{ns}_sent_bytes", _SENT_BYTES_HELP, "counter"),
-            Metric(f"{ns}_request_duration_seconds", _DURATION_HELP, "histogram"),
-        )
-
-
-def _add_counter(family: Metric, labels: dict[str, str], series: _Tally) -> None:
-    family.add_sample(f"{family.name}_total", labels, series.value)
-    if _use_created():
-        family.add_sample(f"{family.name}_created", labels, series.created)
-
-
-def _use_created() -> bool:
-    """Whether prometheus-client exposes ``_created`` series (``disable_created_metrics``)."""
-    return bool(getattr(prom_metrics, "_use_created", True))
-
-
 class Metrics:
     """The proxy's metrics, in a private registry.
 
@@ -274,8 +97,8 @@ class Metrics:
         tier_source: called at scrape time for the cache-tier figures; may also be set later
             with :meth:`set_tier_source` (the store is usually built after the metrics).
         multiprocess: merge all workers' figures via prometheus-client's multi-process mode
-            (see the module docstring). Requires ``PROMETHEUS_MULTIPROC_DIR`` to have been set
-            before ``prometheus_client`` was imported.
+            (:mod:`proxychain.mergedmetrics`). Requires ``PROMETHEUS_MULTIPROC_DIR`` to have been
+            set before ``prometheus_client`` was imported.
         namespace: prefix of every metric name.
 
     Raises:
@@ -292,26 +115,18 @@ class Metrics:
         self.namespace = namespace
         self.multiprocess = multiprocess
         self._tier_source = tier_source
-        self._evictions_seen: dict[str, int] = {}
         # Labelled children of the request families, by (route, method, class, outcome, tier).
         self._request_children: dict[tuple[str, ...], tuple[Counter, Histogram]] = {}
         self._sent_children: dict[tuple[str, str], Counter] = {}
-        self._tallies: _RequestTallies | None = None  # single-process mode (see _build)
+        self._tallies: RequestTallies | None = None  # single-process mode (see _build)
         # Metric objects always live in a private registry so duplicate names are still caught;
         # what /metrics exposes is `_scrape`, which in multi-process mode reads the mmap files.
         self._registry = CollectorRegistry(auto_describe=True)
         if multiprocess:
-            path = os.environ.get(MULTIPROC_DIR_ENV, "")
-            if not multiprocess_enabled() or not os.path.isdir(path):
-                raise ConfigError(
-                    f"set {MULTIPROC_DIR_ENV} to an empty directory before starting the workers",
-                    key="workers",
-                )
-            self._scrape = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(self._scrape, path=path)  # type: ignore[no-untyped-call]
+            self._scrape = merged_registry()
         else:
             self._scrape = self._registry
-            self._registry.register(_TierCollector(self))
+            self._registry.register(TierCollector(namespace, self._tier_figures))
         self._build(namespace)
 
     def _build(self, ns: str) -> None:
@@ -320,22 +135,22 @@ class Metrics:
             # The merged view is read from the value objects' files: they must be used.
             self._requests = Counter(
                 f"{ns}_requests",
-                _REQUESTS_HELP,
+                REQUESTS_HELP,
                 ["route", "method", "status", "outcome", "tier"],
                 registry=reg,
             )
             self._bytes_sent = Counter(
-                f"{ns}_sent_bytes", _SENT_BYTES_HELP, ["route", "tier"], registry=reg
+                f"{ns}_sent_bytes", SENT_BYTES_HELP, ["route", "tier"], registry=reg
             )
             self._duration = Histogram(
                 f"{ns}_request_duration_seconds",
-                _DURATION_HELP,
+                DURATION_HELP,
                 ["route", "outcome"],
                 buckets=DURATION_BUCKETS_SECONDS,
                 registry=reg,
             )
         else:
-            self._tallies = _RequestTallies(ns)
+            self._tallies = RequestTallies(ns)
             reg.register(self._tallies)
         self._upstream_requests = Counter(
             f"{ns}_upstream_requests",
@@ -394,26 +209,7 @@ class Metrics:
             registry=reg,
         )
         if self.multiprocess:
-            self._tier_bytes = Gauge(
-                f"{ns}_cache_bytes",
-                "Bytes held by a cache tier.",
-                ["tier"],
-                registry=reg,
-                multiprocess_mode="liveall",
-            )
-            self._tier_entries = Gauge(
-                f"{ns}_cache_entries",
-                "Entries held by a cache tier.",
-                ["tier"],
-                registry=reg,
-                multiprocess_mode="liveall",
-            )
-            self._tier_evictions = Counter(
-                f"{ns}_cache_evictions",
-                "Entries evicted from a cache tier.",
-                ["tier"],
-                registry=reg,
-            )
+            self._tier_gauges = TierGauges(ns, reg)
 
     # -- data plane ----------------------------------------------------------------------------
 
@@ -517,16 +313,8 @@ class Metrics:
 
         In single-process mode the figures are read at scrape time and this does nothing.
         """
-        if not self.multiprocess:
-            return
-        for tier, fig in self._tier_figures().items():
-            self._tier_bytes.labels(tier).set(fig.bytes)
-            self._tier_entries.labels(tier).set(fig.entries)
-            # A counter can only grow: add what was evicted since the previous sample.
-            delta = fig.evictions - self._evictions_seen.get(tier, 0)
-            if delta > 0:
-                self._tier_evictions.labels(tier).inc(delta)
-            self._evictions_seen[tier] = max(fig.evictions, self._evictions_seen.get(tier, 0))
+        if self.multiprocess:
+            self._tier_gauges.sample(self._tier_figures())
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type, for ``GET /metrics``."""

@@ -10,6 +10,10 @@ block ends the connection goes back to the pool only if h11 says both sides fini
 message and keep-alive holds (RFC 9112 §9.3); anything else closes it, under a shielded,
 bounded cancel scope so cancellation cannot leak a socket.
 
+This module is the client's public surface and keeps the pool and its connections; where an
+upstream lives and how a stream to it is opened is in :mod:`proxychain.origin`, and the
+response being read in :mod:`proxychain.upstreamresponse`.
+
 Timeouts run on trio's clock (virtual under ``MockClock``): ``connect`` bounds TCP plus TLS,
 ``first_byte`` bounds the wait for the final response head after the request was sent, and
 ``between_bytes`` bounds each receive of the body (and each send of the request).
@@ -34,14 +38,10 @@ early (413, 401) and close while the body is still on its way.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import fcntl
 import ssl
-import termios
-import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -50,16 +50,27 @@ import h11
 import trio
 
 from .errors import (
-    ConfigError,
     ErrorKind,
     RequestRefused,
     UpstreamConnectError,
-    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from .http import Headers, Request, ResponseHead
+from .origin import (
+    DEFAULT_BETWEEN_BYTES_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_FIRST_BYTE_TIMEOUT,
+    Connector,
+    Origin,
+    Timeouts,
+    create_ssl_context,
+    open_upstream_stream,
+)
+from .upstreamresponse import READ_SIZE, UpstreamResponse, _finish_from_buffer
 
+# The names from origin and upstreamresponse are re-exported: callers build a pool from an
+# Origin and read an UpstreamResponse, and import them all from here.
 __all__ = [
     "DEFAULT_BETWEEN_BYTES_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
@@ -82,120 +93,20 @@ __all__ = [
 SECONDS = 1.0
 KIB = 1024
 
-DEFAULT_CONNECT_TIMEOUT = 10 * SECONDS
-DEFAULT_FIRST_BYTE_TIMEOUT = 30 * SECONDS
-DEFAULT_BETWEEN_BYTES_TIMEOUT = 30 * SECONDS
 # Below the usual server keep-alive timeouts (nginx 75 s, Go's net/http 90 s) so that we drop
 # an idle connection before the server does, most of the time.
 DEFAULT_IDLE_EXPIRY = 60 * SECONDS
 DEFAULT_MAX_IDLE = 16  # connections kept idle per origin
 # h11's default is 16 KiB; CDNs in front of registries send long Set-Cookie/CSP fields.
 DEFAULT_MAX_HEAD_SIZE = 64 * KIB
-# Bytes per receive_some: big bodies move at the rate of bytes per system call.
-READ_SIZE = 256 * KIB
 # Closing is bounded so a peer that stops reading cannot hold a task in its shielded cleanup.
 CLOSE_TIMEOUT = 1 * SECONDS
 
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 # Methods whose requests carry a body by convention: send an explicit zero length when empty.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Timeouts:
-    """Per-upstream timeouts in seconds (see the module docstring for what each bounds)."""
-
-    connect: float = DEFAULT_CONNECT_TIMEOUT
-    first_byte: float = DEFAULT_FIRST_BYTE_TIMEOUT
-    between_bytes: float = DEFAULT_BETWEEN_BYTES_TIMEOUT
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Origin:
-    """Where an upstream lives; ``base_path`` is prefixed to every request target."""
-
-    scheme: str
-    host: str
-    port: int
-    base_path: str = ""
-
-    @classmethod
-    def parse(cls, url: str) -> Origin:
-        """Parse ``http[s]://host[:port][/base]``.
-
-        Raises:
-            ConfigError: not an http(s) URL with a host, or it has userinfo, query or fragment.
-        """
-        try:
-            parts = urllib.parse.urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"invalid upstream URL {url!r}: {exc}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS:
-            raise ConfigError(f"invalid upstream URL {url!r}: scheme must be http or https")
-        if not parts.hostname:
-            raise ConfigError(f"invalid upstream URL {url!r}: no host")
-        if parts.username is not None or parts.query or parts.fragment:
-            raise ConfigError(f"invalid upstream URL {url!r}: no userinfo, query or fragment")
-        return cls(
-            scheme=scheme,
-            host=parts.hostname,
-            port=_DEFAULT_PORTS[scheme] if port is None else port,
-            base_path=parts.path.rstrip("/"),
-        )
-
-    @property
-    def authority(self) -> str:
-        """The ``Host`` field value (RFC 9110 §7.2): the port only when not the default."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == _DEFAULT_PORTS.get(self.scheme) else f"{host}:{self.port}"
-
-    def target(self, target: str) -> str:
-        """The request target sent upstream for the origin-form ``target``."""
-        return self.base_path.rstrip("/") + target
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.authority}{self.base_path}"
-
-
-Connector = Callable[[Origin], Awaitable[trio.abc.Stream]]
-
-
-def create_ssl_context(*, ca_file: str | None = None) -> ssl.SSLContext:
-    """A verifying client context (system trust store, plus ``ca_file`` when given)."""
-    context = ssl.create_default_context(cafile=ca_file or None)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-async def open_upstream_stream(
-    origin: Origin, *, ssl_context: ssl.SSLContext | None = None
-) -> trio.abc.Stream:
-    """Open TCP (TCP_NODELAY stays on, trio's default) and, for https, complete a TLS handshake.
-
-    SNI and certificate verification use ``origin.host``. Exceptions are left to the caller
-    (:class:`UpstreamPool` translates them).
-    """
-    stream: trio.abc.Stream = await trio.open_tcp_stream(origin.host, origin.port)
-    if origin.scheme != "https":
-        return stream
-    # https_compatible: most servers close without close_notify; h11's framing catches
-    # truncation of Content-Length and chunked bodies anyway.
-    tls = trio.SSLStream(
-        stream,
-        ssl_context or create_ssl_context(),
-        server_hostname=origin.host,
-        https_compatible=True,
-    )
-    try:
-        await tls.do_handshake()
-    except BaseException:
-        await trio.aclose_forcefully(stream)
-        raise
-    return tls
+_DEFAULT_TIMEOUTS = Timeouts()  # frozen, so every pool may share it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,122 +145,6 @@ class _Connection:
         return h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_head_size)
 
 
-class UpstreamResponse:
-    """The response to one upstream request; valid inside :meth:`UpstreamPool.request` only.
-
-    Attributes:
-        head: status, reason and header fields as received (hop-by-hop fields included).
-        content_length: the body length when known in advance (0 for HEAD, 1xx, 204 and 304),
-            ``None`` for chunked or close-delimited bodies.
-        complete: the body was read to its end.
-    """
-
-    def __init__(
-        self, pool: UpstreamPool, conn: _Connection, head: ResponseHead, method: str
-    ) -> None:
-        self.head = head
-        self.complete = False
-        self.content_length = _content_length(head, method)
-        self._pool = pool
-        self._conn = conn
-        self._failed: UpstreamError | None = None
-        self._released = False
-        # A body of known length on a plain TCP connection is read straight off the socket:
-        # through h11 every byte would be copied twice more (into its buffer and out).
-        self._raw_left: int | None = None
-        self._raw_keep_alive = False
-        if (
-            self.content_length
-            and isinstance(conn.stream, trio.SocketStream)
-            and conn.h11.their_state is h11.SEND_BODY
-        ):
-            self._raw_left = self.content_length
-            self._raw_keep_alive = _keep_alive(conn.h11, head)
-
-    def body(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk as it arrives (bytes-like: h11 hands out ``bytearray``).
-
-        Each chunk must arrive within ``between_bytes``.
-
-        Raises:
-            UpstreamTimeout: a chunk took too long.
-            UpstreamProtocolError: the body was malformed or cut short.
-        """
-        return _Body(self)
-
-    async def _next_chunk(self) -> bytes | None:
-        if self._released:
-            raise trio.ClosedResourceError("the response was used outside its request block")
-        if self._failed is not None:
-            raise self._failed
-        if self.complete:
-            return None
-        try:
-            if self._raw_left is not None:
-                return await self._next_raw_chunk(self._raw_left)
-            event = await self._pool._next_event(self._conn, self._pool.timeouts.between_bytes)
-        except UpstreamError as exc:
-            self._failed = exc
-            raise
-        if isinstance(event, h11.Data):
-            return event.data
-        if isinstance(event, h11.EndOfMessage):
-            self.complete = True
-            return None
-        self._failed = UpstreamProtocolError(
-            f"{self._pool.origin}: unexpected {type(event).__name__} in the body",
-            upstream=str(self._pool.origin),
-        )
-        raise self._failed
-
-    async def _next_raw_chunk(self, left: int) -> bytes | None:
-        """The next piece of a Content-Length body, read off the socket (h11 bypassed)."""
-        conn, pool = self._conn, self._pool
-        if left == 0:
-            self.complete = True
-            # Reusable if the exchange allows keep-alive and nothing follows the body.
-            conn.raw_reusable = self._raw_keep_alive and _nothing_pending(conn.stream)
-            conn.h11 = conn.new_cycle()
-            return None
-        buffered, closed = conn.h11.trailing_data  # the body's start, read with the head
-        if buffered:
-            conn.h11 = conn.new_cycle()  # drop h11's copy; it will not see this body
-            if len(buffered) > left:
-                # Bytes past the body: it is whole, but the connection cannot be trusted.
-                self._raw_keep_alive = False
-                buffered = buffered[:left]
-            self._raw_left = left - len(buffered)
-            return buffered
-        if closed:
-            raise pool._protocol_error("closed mid-response")
-        data = await pool._receive(conn, min(left, READ_SIZE), pool.timeouts.between_bytes)
-        if not data:
-            raise pool._protocol_error("closed mid-response")
-        self._raw_left = left - len(data)
-        return data
-
-    def __repr__(self) -> str:
-        return f"<UpstreamResponse {self.head.status} complete={self.complete}>"
-
-
-class _Body:
-    """A plain async iterator (not a generator: nothing to finalise if dropped midway)."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: UpstreamResponse) -> None:
-        self._response = response
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._response._next_chunk()
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-
 class UpstreamPool:
     """Keep-alive connections to one origin, and the request/response cycle over them.
 
@@ -369,7 +164,7 @@ class UpstreamPool:
         self,
         origin: Origin,
         *,
-        timeouts: Timeouts = Timeouts(),  # frozen, so sharing the default is safe
+        timeouts: Timeouts = _DEFAULT_TIMEOUTS,
         max_idle: int = DEFAULT_MAX_IDLE,
         idle_expiry: float = DEFAULT_IDLE_EXPIRY,
         connect: Connector | None = None,
@@ -686,52 +481,7 @@ async def _aclose_iterator(iterator: object) -> None:
             await aclose()
 
 
-def _finish_from_buffer(state: h11.Connection) -> None:
-    """Read an unread body to its end if it is already buffered, without I/O.
-
-    A 304 or an empty body the caller did not iterate then still leaves a reusable connection.
-    """
-    try:
-        while state.their_state is h11.SEND_BODY:
-            if not isinstance(state.next_event(), h11.Data):
-                return  # EndOfMessage (now DONE) or NEED_DATA (the body is not all here)
-    except h11.RemoteProtocolError:
-        return  # their_state is ERROR now: the connection will be closed
-
-
-def _keep_alive(state: h11.Connection, head: ResponseHead) -> bool:
-    """What h11 decides at the end of an exchange (RFC 9112 §9.3): HTTP/1.1, and neither
-    side asked to close."""
-    if state.our_state is not h11.DONE or state.their_http_version != b"1.1":
-        return False
-    return "close" not in (head.headers.get("connection") or "").lower()
-
-
-def _nothing_pending(stream: trio.abc.Stream) -> bool:
-    """No byte waiting on the socket: nothing follows the body we read. (A close that
-    follows is found by the next exchange, which retries a dead pooled connection once.)"""
-    assert isinstance(stream, trio.SocketStream)
-    pending = array.array("i", [0])
-    try:
-        fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, pending)
-    except OSError:
-        return False
-    return pending[0] == 0
-
-
 def _head_size(response: h11.Response) -> int:
     """The serialised size of a response head, near enough (status line, fields, CRLFs)."""
     fields = sum(len(name) + len(value) + 4 for name, value in response.headers)
     return len(b"HTTP/1.1 200 \r\n\r\n") + len(response.reason) + fields
-
-
-def _content_length(head: ResponseHead, method: str) -> int | None:
-    """The body length h11 frames (RFC 9112 §6.3), when known before reading it."""
-    if method == "HEAD" or head.status < 200 or head.status in (204, 304):
-        return 0
-    if "transfer-encoding" in head.headers:
-        return None
-    values = set(head.headers.get_list("content-length"))
-    if len(values) == 1 and (value := values.pop()).isdigit():
-        return int(value)
-    return None

@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from proxychain.clock import Clock
+from proxychain.configfile import parse_settings
 from proxychain.listen import serve
 from proxychain.proxy import Proxy, open_proxy
-from proxychain.settings import Settings, parse_settings
+from proxychain.settings import Settings
 from proxychain.upstream import Connector
 
 

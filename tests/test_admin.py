@@ -24,8 +24,9 @@ from proxychain.admin import (
     serve_admin,
     start_admin,
 )
+from proxychain.configfile import default_settings
 from proxychain.errors import ConfigError, ProxyChainError, RequestRefused
-from proxychain.settings import AdminSettings, default_settings
+from proxychain.settings import AdminSettings
 
 TOKEN = "s3cret-token"
 

@@ -32,6 +32,7 @@ CORE = (
     "privatepaths",
     "pypi",
     "ranges",
+    "scalars",
     "storability",
     "validation",
 )

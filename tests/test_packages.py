@@ -17,13 +17,14 @@ import trio
 
 from proxychain import goproxy, integrity, mirror, packages
 from proxychain.__main__ import main as cli_main
+from proxychain.configfile import parse_settings
 from proxychain.digestbook import DigestBook
 from proxychain.disk import DiskTier, open_disk_tier
 from proxychain.entry import Entry
 from proxychain.http import Headers, ResponseHead
 from proxychain.integrity import IntegrityError
 from proxychain.packages import FillPlan
-from proxychain.settings import RouteSettings, parse_settings
+from proxychain.settings import RouteSettings
 from proxychain.store import MemoryTier, Store
 from proxychain.verify import verify_cache
 

@@ -8,14 +8,9 @@ from typing import Any
 
 import pytest
 
+from proxychain.configfile import default_settings, load_settings, parse_settings
 from proxychain.errors import ConfigError
-from proxychain.settings import (
-    default_settings,
-    load_settings,
-    parse_duration,
-    parse_settings,
-    parse_size,
-)
+from proxychain.settings import parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
