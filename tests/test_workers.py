@@ -261,7 +261,7 @@ async def test_admin_stats_count_every_workers_requests(tmp_path: Path) -> None:
                     await trio.sleep(POLL_S)
             assert stats["workers"] == 2
             # The first request filled the key; the other worker's first one may have come
-            # while that commit still ran, and filled it again (harmless).
+            # while that fill was still open, and streamed it (a shared MISS, not a hit).
             assert route["hits"] >= HELD_CONNECTIONS - 2
             memory = next(t for t in stats["tiers"] if t["name"] == "memory")
             assert memory["entries"] == 2  # each worker holds the body in its own memory tier
