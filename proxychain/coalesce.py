@@ -357,6 +357,10 @@ class FillRegistry:
         fill = self._fills.get(key)
         return None if fill is None or fill.invalidated else fill
 
+    def holds(self, key: str) -> bool:
+        """Whether a fill of ``key`` is open in this process, invalidated or not."""
+        return key in self._fills
+
     async def wait_empty(self) -> None:
         """Wait until no fill is open."""
         await self._empty.wait()

@@ -104,7 +104,14 @@ class Filler:
         """
         fill = self._fills.get(at.key)
         lead = None
-        if fill is None and validate is None and self._siblings is not None:
+        # A fill of this process that a purge invalidated still holds the key's lock: the
+        # request fetches anew (below) rather than mirror that fill.
+        if (
+            fill is None
+            and validate is None
+            and self._siblings is not None
+            and not self._fills.holds(at.key)
+        ):
             lead = self._siblings.lead(at.key)
             if lead is None:  # a sibling worker leads this key's fill: follow it from here
                 fill = self._fills.start(at.key)

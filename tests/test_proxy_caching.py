@@ -741,6 +741,30 @@ async def test_unsafe_error_does_not_invalidate(
 # ---- 10. purge ----------------------------------------------------------------------------------
 
 
+async def test_a_request_after_a_purge_under_workers_fetches_anew(
+    clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under --workers a purged fill keeps its cross-process fill lock until it ends; a request
+    after the purge fetches anew instead of mirroring its own process's purged fill."""
+    pieces = [b"a" * 10, b"b" * 10]
+    async with open_harness(tmp_path, monkeypatch, server={"workers": 2}) as h:
+        h.origin.set(
+            "/p", Reply(headers=[("cache-control", "max-age=100")], body=pieces, chunk_delay=1.0)
+        )
+        got: list[Got] = []
+
+        async def fetch() -> None:
+            got.append(await h.get("/p"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            await trio.sleep(0.5)  # the first fill is in flight
+            await h.proxy.purge(url="/p")
+            nursery.start_soon(fetch)
+    assert [(g.status, g.cache, g.body) for g in got] == [(200, "MISS", b"".join(pieces))] * 2
+    assert h.origin.count("/p") == 2
+
+
 async def test_purge_url_and_prefix_from_both_tiers(
     clock: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
