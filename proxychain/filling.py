@@ -127,11 +127,11 @@ class Filler:
                 return
         fill = self._fills.start(at.key) if self._fills.get(at.key) is None else None
         if fill is not None:
-            fill.lead = lead  # released with the fill (``FillRegistry.end``)
-        elif lead is not None:
-            lead.release()
-        if fill is not None and validate is not None:
-            fill.validating = validate[0]  # a 304 for it ends the fill (``_freshened``)
+            # A lead is only taken when no fill was open, so it always lands here; it is
+            # released with the fill (``FillRegistry.end``).
+            fill.lead = lead
+            if validate is not None:
+                fill.validating = validate[0]  # a 304 for it ends the fill (``_freshened``)
         try:
             try:
                 await self.fetch_and_store(at, sink, exchange, fill, validate)

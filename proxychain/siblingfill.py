@@ -138,9 +138,17 @@ class SiblingFills:
         os.ftruncate(fd, 0)
         return HeldLead(path, fd)
 
-    async def mirror(self, fill: Fill, store: Store, registry: FillRegistry) -> None:
+    async def mirror(
+        self,
+        fill: Fill,
+        store: Store,
+        registry: FillRegistry,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Mirror a sibling's fill of ``fill.key`` into ``fill`` until it ends, then end
-        ``fill`` (it must be registered in ``registry``; this task takes it out).
+        ``fill`` (it must be registered in ``registry``; this task takes it out). Started
+        (``nursery.start``) once it has noted what the store held and watches the lock.
 
         Runs as a background task of the proxy: a failure here fails the local fill (its
         waiters fetch on their own), it never ends the proxy.
@@ -156,6 +164,7 @@ class SiblingFills:
             except FileNotFoundError:  # the sibling's fill has ended already
                 lock = None
             missed = False  # announced, but the temp file was gone (renamed by the commit)
+            task_status.started()
             try:
                 while lock is not None:
                     ended = _released(lock)

@@ -6,16 +6,7 @@ import pytest
 
 from proxychain import mirror, rewriting
 from proxychain.http import Headers, ResponseHead
-from proxychain.settings import RouteSettings
-
-PYPI = RouteSettings(
-    prefix="/pypi/",
-    upstreams="http://127.0.0.1:9/",
-    kind="pypi",
-    file_hosts=("http://files.example",),
-)
-NPM = RouteSettings(prefix="/npm/", upstreams="http://reg.example", kind="npm")
-
+from tests.test_packages import NPM, PYPI
 
 # ---- links -----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from proxychain.coalesce import Fill, FillFailed, FillRegistry
 from proxychain.disk import DiskTier, open_disk_tier
 from proxychain.entry import Entry
 from proxychain.http import Headers, ResponseHead
-from proxychain.siblingfill import SiblingFills
+from proxychain.siblingfill import HeldLead, SiblingFills
 from proxychain.store import MemoryTier, Store
 
 KEY = hashlib.sha256(b"k").hexdigest()
@@ -34,13 +35,27 @@ def new_store(disk: DiskTier) -> Store:
     return Store(MemoryTier(max_bytes=1 << 20, object_max=1024), disk)
 
 
-async def follow(fill: Fill, into: list[bytes]) -> None:
+async def follow(
+    fill: Fill, into: list[bytes], *, reached: tuple[int, trio.Event] | None = None
+) -> None:
+    """Follow ``fill`` into ``into``; ``reached`` is set once that many bytes came."""
     await fill.wait_head()
     file = fill.open_follower()
     assert file is not None
     with file:
         async for piece in fill.follow(file):
-            into.append(piece)  # noqa: PERF401 (piece by piece: the test watches it grow)
+            into.append(piece)
+            if reached is not None and sum(map(len, into)) >= reached[0]:
+                reached[1].set()
+
+
+def lead_a_fill(tmp_path: Path) -> tuple[SiblingFills, HeldLead, FillRegistry, Fill]:
+    """A sibling's lead on ``KEY`` and the local fill that mirrors it."""
+    siblings = SiblingFills(tmp_path / "fills")
+    lead = siblings.lead(KEY)
+    assert lead is not None
+    registry = FillRegistry()
+    return siblings, lead, registry, registry.start(KEY)
 
 
 def test_a_lead_is_exclusive_until_released(tmp_path: Path) -> None:
@@ -72,22 +87,18 @@ def test_a_lock_file_name_must_be_a_key(tmp_path: Path) -> None:
 async def test_mirror_streams_the_siblings_temp_file_and_ends_with_its_commit(
     disk: DiskTier, tmp_path: Path
 ) -> None:
-    siblings = SiblingFills(tmp_path / "fills")
-    leader, mirrored = new_store(disk), new_store(disk)
-    lead = siblings.lead(KEY)
-    assert lead is not None
-    registry = FillRegistry()
-    fill = registry.start(KEY)
+    siblings, lead, registry, fill = lead_a_fill(tmp_path)
+    leader = new_store(disk)
     got: list[bytes] = []
+    first_part = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(siblings.mirror, fill, mirrored, registry)
-        nursery.start_soon(follow, fill, got)
+        await nursery.start(siblings.mirror, fill, new_store(disk), registry)
+        nursery.start_soon(partial(follow, fill, got, reached=(5000, first_part)))
         writer = await leader.open_writer(KEY, "")
         lead.announce(HEAD, Entry(key=KEY, url="/a"), writer.tmp_path)
         await writer.write(BODY[:5000])
         with trio.fail_after(5):
-            while sum(map(len, got)) < 5000:  # the follower has the first part before the rest
-                await trio.sleep(0.001)
+            await first_part.wait()  # the follower has the first part before the rest
         await writer.write(BODY[5000:])
         committed = await writer.commit(Entry(key=KEY, url="/a"))
         lead.release()
@@ -101,22 +112,18 @@ async def test_mirror_streams_the_siblings_temp_file_and_ends_with_its_commit(
 async def test_mirror_cuts_its_followers_when_the_sibling_abandons_the_body(
     disk: DiskTier, tmp_path: Path
 ) -> None:
-    siblings = SiblingFills(tmp_path / "fills")
-    lead = siblings.lead(KEY)
-    assert lead is not None
-    registry = FillRegistry()
-    fill = registry.start(KEY)
+    siblings, lead, registry, fill = lead_a_fill(tmp_path)
     got: list[bytes] = []
+    some = trio.Event()
     with pytest.RaisesGroup(FillFailed):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(siblings.mirror, fill, new_store(disk), registry)
-            nursery.start_soon(follow, fill, got)
+            await nursery.start(siblings.mirror, fill, new_store(disk), registry)
+            nursery.start_soon(partial(follow, fill, got, reached=(1, some)))
             writer = await new_store(disk).open_writer(KEY, "")
             lead.announce(HEAD, Entry(key=KEY, url="/a"), writer.tmp_path)
             await writer.write(BODY[:5000])
             with trio.fail_after(5):
-                while not got:
-                    await trio.sleep(0.001)
+                await some.wait()
             await writer.abort()  # the upstream broke off: nothing is stored
             lead.release()
     assert 0 < sum(map(len, got)) < len(BODY)
@@ -128,15 +135,11 @@ async def test_a_fill_released_unannounced_ends_with_what_the_store_holds(
 ) -> None:
     # A 304, a buffered package fill or a commit that renamed the temp file before the
     # mirror opened it: the waiters are served what the sibling stored.
-    siblings = SiblingFills(tmp_path / "fills")
+    siblings, lead, registry, fill = lead_a_fill(tmp_path)
     leader = new_store(disk)
-    lead = siblings.lead(KEY)
-    assert lead is not None
-    registry = FillRegistry()
-    fill = registry.start(KEY)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(siblings.mirror, fill, new_store(disk), registry)
-        await trio.sleep(0.02)  # the mirror has noted what the store held before the fill
+        # Started: the mirror has noted what the store held before the fill.
+        await nursery.start(siblings.mirror, fill, new_store(disk), registry)
         lead.announce(HEAD, Entry(key=KEY, url="/a"), tmp_path / "renamed-already.part")
         writer = await leader.open_writer(KEY, "")
         await writer.write(BODY)
@@ -151,18 +154,13 @@ async def test_an_entry_stored_before_the_fill_is_not_taken_for_its_result(
     disk: DiskTier, tmp_path: Path
 ) -> None:
     # A stale entry made this a miss; the sibling's fill stored nothing (an error, no-store).
-    siblings = SiblingFills(tmp_path / "fills")
     store = new_store(disk)
     writer = await store.open_writer(KEY, "")
     await writer.write(BODY)
     await writer.commit(Entry(key=KEY, url="/a", response_time=1.0))
-    lead = siblings.lead(KEY)
-    assert lead is not None
-    registry = FillRegistry()
-    fill = registry.start(KEY)
+    siblings, lead, registry, fill = lead_a_fill(tmp_path)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(siblings.mirror, fill, new_store(disk), registry)
-        await trio.sleep(0.02)
+        await nursery.start(siblings.mirror, fill, new_store(disk), registry)
         lead.release()
     assert fill.state.failed
     assert not fill.state.finished
@@ -171,14 +169,9 @@ async def test_an_entry_stored_before_the_fill_is_not_taken_for_its_result(
 async def test_a_fill_released_with_nothing_stored_fails_without_an_error(
     disk: DiskTier, tmp_path: Path
 ) -> None:
-    siblings = SiblingFills(tmp_path / "fills")
-    lead = siblings.lead(KEY)
-    assert lead is not None
-    registry = FillRegistry()
-    fill = registry.start(KEY)
+    siblings, lead, registry, fill = lead_a_fill(tmp_path)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(siblings.mirror, fill, new_store(disk), registry)
-        await trio.sleep(0.02)
+        await nursery.start(siblings.mirror, fill, new_store(disk), registry)
         lead.release()
     # The waiters fetch on their own: no upstream error to share, no entry to serve.
     assert fill.state.failed
